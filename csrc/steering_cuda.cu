@@ -1,0 +1,334 @@
+// CUDA kernels. Each row's vocabulary is cut into chunks; a grid of (chunks, rows) blocks first writes
+// one RowStats per chunk (row_stats_kernel), then every block of the output pass merges its row's
+// partial stats and writes its chunk (output_kernel). With few rows (decode, B = 1..8) many blocks
+// share a row, so the whole GPU streams the vocabulary, as split-softmax sampling kernels do.
+// No host synchronisation; everything runs on the current stream (CUDA-graph capturable).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "steering_host.h"
+#include "steering_math.h"
+
+namespace svd_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kMinChunk = 4096;  // elements per block at least, so each thread has work
+
+template <typename T>
+struct Pack {
+  static constexpr int kSize = 16 / sizeof(T);  // one 16-byte load
+  struct alignas(16) Raw {
+    T v[kSize];
+  };
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* p, float (&v)[N]) {
+  const typename Pack<T>::Raw raw = *reinterpret_cast<const typename Pack<T>::Raw*>(p);
+#pragma unroll
+  for (int j = 0; j < N; ++j) v[j] = static_cast<float>(raw.v[j]);
+}
+
+template <int N>
+__device__ __forceinline__ void store_floats(float* p, const float (&v)[N]) {
+#pragma unroll
+  for (int j = 0; j < N; j += 4)
+    *reinterpret_cast<float4*>(p + j) = make_float4(v[j], v[j + 1], v[j + 2], v[j + 3]);
+}
+
+__device__ __forceinline__ RowStats shfl_xor(const RowStats& s, int mask) {
+  return RowStats{__shfl_xor_sync(0xffffffffu, s.max_a, mask), __shfl_xor_sync(0xffffffffu, s.sum_a, mask),
+                  __shfl_xor_sync(0xffffffffu, s.max_b, mask), __shfl_xor_sync(0xffffffffu, s.sum_b, mask),
+                  __shfl_xor_sync(0xffffffffu, s.cross, mask), __shfl_xor_sync(0xffffffffu, s.flags, mask)};
+}
+
+__device__ __forceinline__ float2 shfl_xor(const float2& s, int mask) {
+  return make_float2(__shfl_xor_sync(0xffffffffu, s.x, mask), __shfl_xor_sync(0xffffffffu, s.y, mask));
+}
+
+__device__ __forceinline__ RowStats combine(const RowStats& x, const RowStats& y) { return merge(x, y); }
+__device__ __forceinline__ float2 combine(const float2& x, const float2& y) {
+  return make_float2(x.x + y.x, x.y + y.y);
+}
+
+// Reduction over the block; every thread gets the result.
+template <typename V>
+__device__ V block_all_reduce(V v) {
+  __shared__ V per_warp[kWarps];
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) v = combine(v, shfl_xor(v, mask));
+  if (threadIdx.x % 32 == 0) per_warp[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = per_warp[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) v = combine(v, per_warp[w]);
+  __syncthreads();  // per_warp may be reused by a later call
+  return v;
+}
+
+// Adds N consecutive elements to a thread's running stats.
+template <int N>
+__device__ __forceinline__ void accumulate(RowStats& s, const float (&a)[N], const float (&b)[N]) {
+  float ma = s.max_a, mb = s.max_b;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    ma = max_ignoring_nan(ma, a[j]);
+    mb = max_ignoring_nan(mb, b[j]);
+    s.flags |= element_flags(a[j], b[j]);
+  }
+  if (ma != s.max_a || mb != s.max_b) s = rescale(s, ma, mb);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    const ElementTerms t = element_terms(a[j], b[j], ma, mb);
+    s.sum_a += t.exp_a;
+    s.sum_b += t.exp_b;
+    s.cross += t.cross;
+  }
+}
+
+// Calls fn(index, a[N], b[N]) over this block's chunk of the row, N-wide when `vectorized`
+// (16-byte aligned rows, chunk a multiple of N), one at a time otherwise.
+template <typename T, typename Fn>
+__device__ __forceinline__ void for_each_in_chunk(const T* za, const T* zb, int64_t vocab, int64_t chunk,
+                                                  bool vectorized, Fn&& fn) {
+  const int64_t row = blockIdx.x;
+  const int64_t lo = blockIdx.y * chunk, hi = min(vocab, lo + chunk);
+  const T* a = za + row * vocab;
+  const T* b = zb + row * vocab;
+  constexpr int N = Pack<T>::kSize;
+  if (vectorized) {
+    for (int64_t i = lo + threadIdx.x * N; i < hi; i += kThreads * N) {
+      float va[N], vb[N];
+      load_floats(a + i, va);
+      load_floats(b + i, vb);
+      fn(i, va, vb);
+    }
+  } else {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
+      float va[1] = {static_cast<float>(a[i])}, vb[1] = {static_cast<float>(b[i])};
+      fn(i, va, vb);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    row_stats_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized,
+                     RowStats* partial) {
+  RowStats s = empty_stats();
+  for_each_in_chunk(za, zb, vocab, chunk, vectorized,
+                    [&](int64_t, const auto& a, const auto& b) { accumulate(s, a, b); });
+  s = block_all_reduce(s);
+  if (threadIdx.x == 0) partial[blockIdx.x * gridDim.y + blockIdx.y] = s;
+}
+
+__device__ __forceinline__ RowSummary row_summary(const RowStats* partial, int64_t splits, float log_alpha) {
+  RowStats s = empty_stats();
+  for (int64_t k = threadIdx.x; k < splits; k += kThreads) s = merge(s, partial[blockIdx.x * splits + k]);
+  return finalize(block_all_reduce(s), log_alpha);
+}
+
+enum class Output { kDelta, kSteered, kKeptSums };
+
+struct OutputArgs {
+  const RowStats* partial;
+  float log_alpha;
+  float* out;            // [rows, vocab] for kDelta / kSteered
+  const float* mu_rows;  // optional, kSteered
+  float mu, fill_value;
+  int64_t fill_mode;
+  float2* kept_sums;     // [rows, splits] (sum_K p_a delta, sum_K delta^2), kKeptSums
+};
+
+template <typename T, Output kind>
+__global__ void __launch_bounds__(kThreads)
+    output_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized, OutputArgs args) {
+  const RowSummary r = row_summary(args.partial, gridDim.y, args.log_alpha);
+  const int64_t row = blockIdx.x;
+  float* out = kind == Output::kKeptSums ? nullptr : args.out + row * vocab;
+  const float mu = args.mu_rows ? args.mu_rows[row] : args.mu;
+  float2 sums = make_float2(0.0f, 0.0f);
+  for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t i, const auto& a, const auto& b) {
+    constexpr int N = sizeof(a) / sizeof(float);
+    [[maybe_unused]] float o[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      float p_a;
+      const float d = steering_delta(a[j], b[j], r, p_a);
+      const bool kept = is_kept(a[j], r);
+      if constexpr (kind == Output::kDelta) o[j] = r.bad ? kNaN : d;
+      if constexpr (kind == Output::kSteered)
+        o[j] = r.bad ? kNaN : steered_logit(a[j], d, kept, mu, args.fill_mode, args.fill_value);
+      if constexpr (kind == Output::kKeptSums) {
+        sums.x += kept ? p_a * d : 0.0f;
+        sums.y += kept ? d * d : 0.0f;
+      }
+    }
+    if constexpr (kind != Output::kKeptSums) {
+      if constexpr (N > 1) {
+        store_floats(out + i, o);
+      } else {
+        out[i] = o[0];
+      }
+    }
+  });
+  if constexpr (kind == Output::kKeptSums) {
+    sums = block_all_reduce(sums);
+    if (threadIdx.x == 0) args.kept_sums[row * gridDim.y + blockIdx.y] = sums;
+  }
+}
+
+template <typename T>
+__global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels, int64_t rows, int64_t vocab,
+                                int64_t splits, const RowStats* partial, const float2* kept_sums,
+                                float log_alpha, float eps, int64_t ignore_index, float* mu_star, bool* valid) {
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (row >= rows) return;
+  RowStats s = empty_stats();
+  float2 sums = make_float2(0.0f, 0.0f);
+  for (int64_t k = 0; k < splits; ++k) {
+    s = merge(s, partial[row * splits + k]);
+    sums = combine(sums, kept_sums[row * splits + k]);
+  }
+  const RowSummary r = finalize(s, log_alpha);
+  const int64_t y = labels[row];
+  const bool target = y != ignore_index && y >= 0 && y < vocab;
+  float label_delta_k = 0.0f;
+  if (target) {
+    const float a = static_cast<float>(za[row * vocab + y]), b = static_cast<float>(zb[row * vocab + y]);
+    float p_a;
+    const float d = steering_delta(a, b, r, p_a);
+    label_delta_k = is_kept(a, r) ? d : 0.0f;
+  }
+  bool ok;
+  token_mu_from_sums(target, r.bad, label_delta_k, sums.x, sums.y, eps, mu_star[row], ok);
+  valid[row] = ok;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t multiprocessor_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+struct Launched {
+  SplitPlan plan;
+  at::Tensor partial, kept_sums;  // RowStats [rows, splits]; float2 [rows, splits] for kKeptSums
+};
+
+// Pass 1 (row_stats_kernel) and the output pass of `kind`, on the current stream.
+template <Output kind>
+Launched launch(const LogitRows& x, OutputArgs args) {
+  const int64_t sms = multiprocessor_count(x.z_a.device().index());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Launched result;
+  dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int N = Pack<T>::kSize;
+    const T* za = x.z_a.const_data_ptr<T>();
+    const T* zb = x.z_b.const_data_ptr<T>();
+    const bool vectorized =
+        x.vocab % N == 0 && aligned16(za) && aligned16(zb) && (args.out == nullptr || aligned16(args.out));
+    const SplitPlan plan = plan_splits(x.rows, x.vocab, 2 * sms, kMinChunk, vectorized ? N : 1);
+    TORCH_CHECK(plan.splits <= 65535, "svd_fast: vocabulary too large for one CUDA grid");
+    const dim3 grid(static_cast<unsigned>(x.rows), static_cast<unsigned>(plan.splits));
+    const auto f32 = x.z_a.options().dtype(at::kFloat);
+    result.plan = plan;
+    result.partial = at::empty({x.rows, plan.splits, static_cast<int64_t>(sizeof(RowStats) / 4)}, f32);
+    auto* partial = reinterpret_cast<RowStats*>(result.partial.data_ptr<float>());
+    args.partial = partial;
+    row_stats_kernel<T><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, plan.chunk, vectorized, partial);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (kind == Output::kKeptSums) {
+      result.kept_sums = at::empty({x.rows, plan.splits, 2}, f32);
+      args.kept_sums = reinterpret_cast<float2*>(result.kept_sums.data_ptr<float>());
+    }
+    output_kernel<T, kind><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, plan.chunk, vectorized, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result;
+}
+
+at::Tensor steering_vector_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base) {
+  const LogitRows x = flatten_logits(z_adapted, z_base);
+  at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
+  if (x.rows == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.z_a.device());
+  OutputArgs args{};
+  args.out = out.data_ptr<float>();
+  launch<Output::kDelta>(x, args);
+  return out;
+}
+
+void steer_logits_out_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                           const c10::optional<at::Tensor>& mu_rows, double mu, double log_alpha,
+                           int64_t fill_mode, double fill_value, at::Tensor& out) {
+  const LogitRows x = flatten_logits(z_adapted, z_base);
+  check_steer_args(x, mu_rows, out);
+  if (x.rows == 0) return;
+  const c10::cuda::CUDAGuard guard(x.z_a.device());
+  OutputArgs args{};
+  args.out = out.data_ptr<float>();
+  args.mu_rows = mu_rows.has_value() ? mu_rows->const_data_ptr<float>() : nullptr;
+  args.mu = static_cast<float>(mu);
+  args.log_alpha = static_cast<float>(log_alpha);
+  args.fill_mode = fill_mode;
+  args.fill_value = static_cast<float>(fill_value);
+  launch<Output::kSteered>(x, args);
+}
+
+at::Tensor steer_logits_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                             const c10::optional<at::Tensor>& mu_rows, double mu, double log_alpha,
+                             int64_t fill_mode, double fill_value) {
+  at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
+  steer_logits_out_cuda(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                                                 const at::Tensor& labels, double log_alpha, double eps,
+                                                 int64_t ignore_index) {
+  const LogitRows x = flatten_logits(z_adapted, z_base);
+  check_labels(x, labels);
+  const auto row_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
+  at::Tensor mu_star = at::empty(row_shape, z_adapted.options().dtype(at::kFloat));
+  at::Tensor valid = at::empty(row_shape, z_adapted.options().dtype(at::kBool));
+  if (x.rows == 0) return {mu_star, valid};
+  const at::Tensor labels_c = labels.contiguous();
+  const c10::cuda::CUDAGuard guard(x.z_a.device());
+  OutputArgs args{};
+  args.log_alpha = static_cast<float>(log_alpha);
+  const Launched pass = launch<Output::kKeptSums>(x, args);
+  dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const int threads = 128;
+    token_mu_kernel<T><<<static_cast<unsigned>(ceil_div(x.rows, threads)), threads, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(
+        x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), labels_c.const_data_ptr<int64_t>(), x.rows,
+        x.vocab, pass.plan.splits, reinterpret_cast<const RowStats*>(pass.partial.const_data_ptr<float>()),
+        reinterpret_cast<const float2*>(pass.kept_sums.const_data_ptr<float>()), static_cast<float>(log_alpha),
+        static_cast<float>(eps), ignore_index, mu_star.data_ptr<float>(), valid.data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mu_star, valid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(svd_fast, CUDA, m) {
+  m.impl("steering_vector", &steering_vector_cuda);
+  m.impl("steer_logits", &steer_logits_cuda);
+  m.impl("steer_logits_out", &steer_logits_out_cuda);
+  m.impl("token_mu", &token_mu_cuda);
+}
+
+}  // namespace svd_fast

@@ -1,0 +1,77 @@
+// Host-side helpers shared by the CPU and CUDA implementations: argument checks for direct callers of
+// the ops (the Python wrapper checks first, with friendlier messages), flattening to [rows, V], and the
+// plan that splits each row's vocabulary into chunks when there are too few rows to fill the machine.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace svd_fast {
+
+struct LogitRows {
+  at::Tensor z_a, z_b;  // contiguous [rows, vocab]
+  int64_t rows, vocab;
+};
+
+inline LogitRows flatten_logits(const at::Tensor& z_a, const at::Tensor& z_b) {
+  TORCH_CHECK(z_a.sizes() == z_b.sizes(), "svd_fast: z_adapted and z_base must have the same shape, got ",
+              z_a.sizes(), " and ", z_b.sizes());
+  TORCH_CHECK(z_a.scalar_type() == z_b.scalar_type(),
+              "svd_fast: z_adapted and z_base must have the same dtype");
+  const auto dtype = z_a.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "svd_fast: logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(z_a.device() == z_b.device(), "svd_fast: z_adapted and z_base are on different devices");
+  TORCH_CHECK(z_a.dim() >= 1 && z_a.size(-1) >= 1, "svd_fast: logits need a non-empty last (vocabulary) dim");
+  const int64_t vocab = z_a.size(-1);
+  const int64_t rows = z_a.numel() / vocab;
+  return {z_a.contiguous().view({rows, vocab}), z_b.contiguous().view({rows, vocab}), rows, vocab};
+}
+
+inline void check_steer_args(const LogitRows& x, const c10::optional<at::Tensor>& mu_rows,
+                             const at::Tensor& out) {
+  if (mu_rows.has_value()) {
+    TORCH_CHECK(mu_rows->scalar_type() == at::kFloat && mu_rows->is_contiguous() &&
+                    mu_rows->numel() == x.rows && mu_rows->device() == x.z_a.device(),
+                "svd_fast: mu_rows must be a contiguous float32 tensor with one value per row");
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == x.rows * x.vocab &&
+                  out.device() == x.z_a.device(),
+              "svd_fast: out must be a contiguous float32 tensor shaped like z_adapted, on its device");
+}
+
+inline void check_labels(const LogitRows& x, const at::Tensor& labels) {
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.numel() == x.rows &&
+                  labels.device() == x.z_a.device(),
+              "svd_fast: labels must be int64 with one label per row of logits, on the logits' device");
+}
+
+// Calls fn(T{}) with T the C++ type of a logits dtype.
+template <typename Fn>
+void dispatch_logit_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "svd_fast: unsupported logits dtype ", dtype);
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Each row's vocabulary is cut into `splits` chunks of `chunk` elements (chunk a multiple of `align`).
+struct SplitPlan {
+  int64_t splits, chunk;
+};
+
+inline SplitPlan plan_splits(int64_t rows, int64_t vocab, int64_t wanted_tasks, int64_t min_chunk,
+                             int64_t align) {
+  int64_t splits = 1;
+  if (rows < wanted_tasks) splits = ceil_div(wanted_tasks, std::max<int64_t>(rows, 1));
+  splits = std::max<int64_t>(1, std::min(splits, vocab / min_chunk));
+  const int64_t chunk = ceil_div(ceil_div(vocab, splits), align) * align;
+  return {ceil_div(vocab, chunk), chunk};
+}
+
+}  // namespace svd_fast

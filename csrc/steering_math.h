@@ -1,0 +1,168 @@
+// Per-element and per-row math of Steering Vector Decoding (SPEC sections 1-4, 8), shared by the CPU
+// and CUDA kernels. Everything here is float32; callers convert bf16/fp16 inputs on load.
+//
+// A row is summarised in one pass by RowStats (online max / sum-exp of both logit rows plus the KL
+// numerator); RowStats of disjoint pieces of a row merge associatively, which is what lets a row be
+// split across threads, blocks or CPU tasks. finalize() turns the merged stats into a RowSummary, and
+// the second pass produces outputs element by element from it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define SVD_HD __host__ __device__ __forceinline__
+#else
+#define SVD_HD inline
+#endif
+
+namespace svd_fast {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// How masked (not kept) tokens are written by steer_logits.
+enum FillMode : int64_t {
+  kFillNegInf = 0,  // -inf, whatever the sign of mu (svd_fast default)
+  kFillKeep = 1,    // z_a unchanged (the paper's lambda = 0)
+  kFillValue = 2,   // z_a + mu * fill_value (the paper's literal formula)
+};
+
+enum RowFlags : uint32_t {
+  kBadValue = 1u,    // NaN or +inf in either row: the row's outputs are NaN
+  kBaseRulesOut = 2u // z_b = -inf where z_a is finite: KL is infinite, the row is left unsteered
+};
+
+// exp for arguments <= 0 (always the case here: x - max). On the CPU a branch-free polynomial that GCC
+// vectorizes (Cephes expf, ~2 ulp); on CUDA the hardware approximation. -inf and x < -87.3 give 0,
+// NaN gives NaN.
+SVD_HD float exp_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  const float xc = x < -87.3f ? -87.3f : x;
+  // Round to nearest integer with the 1.5 * 2^23 trick: vectorizes without SSE4.1.
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float e = y * scale;
+  return x != x ? x : (x < -87.3f ? 0.0f : e);
+#endif
+}
+
+SVD_HD uint32_t element_flags(float a, float b) {
+  const uint32_t bad = (a < kInf && b < kInf) ? 0u : kBadValue;  // false for NaN and +inf
+  const uint32_t rules_out = (a > -kInf && b == -kInf) ? kBaseRulesOut : 0u;
+  return bad | rules_out;
+}
+
+// Online statistics of (part of) one row, relative to the running maxima max_a, max_b:
+//   sum_a = sum exp(z_a - max_a),  sum_b = sum exp(z_b - max_b)
+//   cross = sum exp(z_a - max_a) * ((z_a - max_a) - (z_b - max_b))
+// Keeping cross relative to the maxima (rather than sum p_a * (z_a - z_b)) avoids cancelling two large
+// numbers when both rows are big and shifted. When flags has kBadValue the sums are meaningless.
+struct RowStats {
+  float max_a, sum_a, max_b, sum_b, cross;
+  uint32_t flags;
+};
+
+SVD_HD RowStats empty_stats() { return RowStats{-kInf, 0.0f, -kInf, 0.0f, 0.0f, 0u}; }
+
+SVD_HD float max_ignoring_nan(float m, float x) { return x > m ? x : m; }
+
+// Re-expresses s relative to new maxima new_a >= s.max_a, new_b >= s.max_b.
+SVD_HD RowStats rescale(const RowStats& s, float new_a, float new_b) {
+  RowStats r = s;
+  r.max_a = new_a;
+  r.max_b = new_b;
+  if (s.sum_a > 0.0f) {
+    const float shift_a = s.max_a - new_a, shift_b = s.max_b - new_b;
+    const float fa = exp_nonpositive(shift_a);
+    r.sum_a = s.sum_a * fa;
+    r.cross = fa * (s.cross + s.sum_a * (shift_a - shift_b));
+  }
+  if (s.sum_b > 0.0f) r.sum_b = s.sum_b * exp_nonpositive(s.max_b - new_b);
+  return r;
+}
+
+SVD_HD RowStats merge(const RowStats& x, const RowStats& y) {
+  const float ma = max_ignoring_nan(x.max_a, y.max_a), mb = max_ignoring_nan(x.max_b, y.max_b);
+  const RowStats xs = rescale(x, ma, mb), ys = rescale(y, ma, mb);
+  return RowStats{ma, xs.sum_a + ys.sum_a, mb, xs.sum_b + ys.sum_b, xs.cross + ys.cross,
+                  x.flags | y.flags};
+}
+
+// One element's contributions to sum_a, sum_b and cross, given maxima that bound it.
+struct ElementTerms {
+  float exp_a, exp_b, cross;
+};
+
+SVD_HD ElementTerms element_terms(float a, float b, float max_a, float max_b) {
+  const float da = a - max_a, db = b - max_b;
+  const float ea = a == -kInf ? 0.0f : exp_nonpositive(da);
+  const float eb = b == -kInf ? 0.0f : exp_nonpositive(db);
+  const float c = (a == -kInf || b == -kInf) ? 0.0f : ea * (da - db);
+  return ElementTerms{ea, eb, c};
+}
+
+// What the output pass needs to know about a row.
+struct RowSummary {
+  float lse_a, lse_b, kl, keep_threshold;
+  bool bad;        // NaN / +inf in the row, or z_a entirely -inf: outputs are NaN
+  bool steerable;  // false when KL(p_a || p_b) is infinite: delta = 0 for the row
+};
+
+SVD_HD RowSummary finalize(const RowStats& s, float log_alpha) {
+  RowSummary r;
+  r.bad = (s.flags & kBadValue) != 0u || !(s.sum_a > 0.0f);
+  r.steerable = (s.flags & kBaseRulesOut) == 0u;
+  const float log_sum_a = logf(s.sum_a), log_sum_b = logf(s.sum_b);
+  r.lse_a = s.max_a + log_sum_a;
+  r.lse_b = s.max_b + log_sum_b;
+  r.kl = s.cross / s.sum_a - log_sum_a + log_sum_b;
+  r.keep_threshold = s.max_a + log_alpha;  // p_a(y) >= alpha * p_a(top)  <=>  z_a(y) >= z_a(top) + log(alpha)
+  return r;
+}
+
+// delta(y) = p_a(y) * (kl - (log p_a(y) - log p_b(y)))   (SPEC 1); also returns p_a(y).
+SVD_HD float steering_delta(float a, float b, const RowSummary& r, float& p_a) {
+  const float log_pa = a - r.lse_a, log_pb = b - r.lse_b;
+  p_a = exp_nonpositive(log_pa);
+  const float d = p_a * (r.kl - (log_pa - log_pb));
+  return (r.steerable && a > -kInf) ? d : 0.0f;
+}
+
+SVD_HD bool is_kept(float a, const RowSummary& r) { return a >= r.keep_threshold; }
+
+// z_hat(y) (SPEC 3).
+SVD_HD float steered_logit(float a, float delta, bool kept, float mu, int64_t fill_mode,
+                           float fill_value) {
+  const float masked = fill_mode == kFillNegInf ? -kInf
+                       : fill_mode == kFillKeep ? a
+                                                : a + mu * fill_value;
+  return kept ? a + mu * delta : masked;
+}
+
+// mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4), from
+//   label_delta_k = delta_K(label),  pa_dot_delta_k = sum_K p_a delta,  delta_k_sq = sum_K delta^2.
+// Skipped positions (ignored label, ||delta_K||^2 < eps) give (0, false); bad rows (NaN, false).
+SVD_HD void token_mu_from_sums(bool target, bool bad, float label_delta_k, float pa_dot_delta_k,
+                               float delta_k_sq, float eps, float& mu_star, bool& valid) {
+  valid = target && !bad && delta_k_sq >= eps;
+  mu_star = valid ? (label_delta_k - pa_dot_delta_k) / (delta_k_sq + eps)
+                  : ((target && bad) ? kNaN : 0.0f);
+}
+
+}  // namespace svd_fast

@@ -1,0 +1,290 @@
+"""The steering ops: argument checks, backend choice, and the dispatcher registration of the kernels.
+
+Each op runs the compiled kernels (``torch.ops.svd_fast.*``, CPU and CUDA, from ``csrc/``) when the
+extension is built and the PyTorch reference (``svd_fast.reference``) otherwise. ``SVD_FAST_BACKEND``
+(``auto``, ``native`` or ``torch``) or :func:`set_backend` forces one.
+"""
+import math
+import numbers
+import os
+import warnings
+
+import torch
+
+from . import reference
+
+__all__ = [
+    "steering_vector",
+    "steer_logits",
+    "token_mu",
+    "set_backend",
+    "get_backend",
+    "native_available",
+    "has_cuda_kernels",
+]
+
+_BACKENDS = ("auto", "native", "torch")
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FILL_NEG_INF, _FILL_KEEP, _FILL_VALUE = 0, 1, 2  # FillMode in csrc/steering_math.h
+_REBUILD_HINT = "rebuild with `pip install --no-build-isolation .` (see README)"
+
+
+def _load_extension():
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.svd_fast)
+    except ImportError as err:
+        warnings.warn(
+            f"svd_fast: compiled kernels not found ({err}); using the PyTorch reference, which is slower. "
+            f"To get the kernels, {_REBUILD_HINT}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+_NATIVE = _load_extension()
+_CUDA_KERNELS = _NATIVE and torch.ops.svd_fast.has_cuda_kernels()
+_backend = "auto"
+_warned_cuda_fallback = False
+
+
+def native_available():
+    """True when the compiled extension is loaded."""
+    return _NATIVE
+
+
+def has_cuda_kernels():
+    """True when the extension was compiled with its CUDA kernels."""
+    return _CUDA_KERNELS
+
+
+def set_backend(name):
+    """Force the implementation: "native" (compiled kernels), "torch" (reference) or "auto"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+    if name == "native" and not _NATIVE:
+        raise RuntimeError(f"backend 'native' asked for, but the compiled kernels are missing: {_REBUILD_HINT}")
+    _backend = name
+
+
+def get_backend():
+    """The forced backend name ("auto", "native" or "torch")."""
+    return _backend
+
+
+def _use_native(device):
+    global _warned_cuda_fallback
+    if _backend == "torch" or not _NATIVE:
+        return False
+    if device.type == "cpu" or (device.type == "cuda" and _CUDA_KERNELS):
+        return True
+    if _backend == "native":
+        raise RuntimeError(f"svd_fast has no compiled kernels for {device.type} tensors: {_REBUILD_HINT} "
+                           "on a machine with the CUDA toolkit, or use backend 'torch'")
+    if not _warned_cuda_fallback:
+        _warned_cuda_fallback = True
+        warnings.warn(f"svd_fast: no compiled kernels for {device.type}; using the PyTorch reference", RuntimeWarning)
+    return False
+
+
+_env_backend = os.environ.get("SVD_FAST_BACKEND", "auto").strip().lower() or "auto"
+if _env_backend not in _BACKENDS:
+    raise ValueError(f"SVD_FAST_BACKEND must be one of {_BACKENDS}, got {_env_backend!r}")
+set_backend(_env_backend)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks: one clear error naming the argument.
+
+
+def _check_logits(z_adapted, z_base):
+    for name, z in (("z_adapted", z_adapted), ("z_base", z_base)):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of logits, got {type(z).__name__}")
+        if z.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"{name} must hold float32, bfloat16 or float16 logits, got {z.dtype}")
+    if z_adapted.dtype != z_base.dtype:
+        raise TypeError(f"z_adapted is {z_adapted.dtype} but z_base is {z_base.dtype}: cast one so both match")
+    if z_adapted.device != z_base.device:
+        raise ValueError(f"z_adapted is on {z_adapted.device} but z_base is on {z_base.device}: "
+                         "move both to one device")
+    if z_adapted.shape != z_base.shape:
+        raise ValueError(f"z_adapted has shape {tuple(z_adapted.shape)} but z_base has {tuple(z_base.shape)}: "
+                         "both must be [..., V] with the same vocabulary size V")
+    if z_adapted.dim() == 0 or z_adapted.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape "
+                         f"{tuple(z_adapted.shape)}")
+
+
+def _check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _check_alpha(alpha):
+    _check_real("alpha", alpha)
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must lie in (0, 1], got {alpha}")
+
+
+def _checking_values():
+    return not torch.compiler.is_compiling()
+
+
+def _mu_args(mu, z_adapted):
+    """(mu_rows, mu): a float32 tensor with one value per row, or None and a float."""
+    rows_shape = z_adapted.shape[:-1]
+    if isinstance(mu, torch.Tensor):
+        if not mu.is_floating_point():
+            raise TypeError(f"mu must be a float or a floating-point tensor, got a {mu.dtype} tensor")
+        if mu.device != z_adapted.device:
+            raise ValueError(f"mu is on {mu.device} but the logits are on {z_adapted.device}")
+        if mu.numel() == 1:
+            mu = mu.reshape(1).expand(math.prod(rows_shape))
+        elif mu.shape != rows_shape and mu.shape != (math.prod(rows_shape),):
+            raise ValueError(f"mu must be a float or hold one value per row, shape {tuple(rows_shape)}; "
+                             f"got shape {tuple(mu.shape)}")
+        if mu.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(mu).all()):
+            raise ValueError("mu must be finite: the tensor holds NaN or inf")
+        return mu.reshape(-1).to(torch.float32).contiguous(), 0.0
+    _check_real("mu", mu)
+    if not math.isfinite(mu):
+        raise ValueError(f"mu must be finite, got {mu}")
+    return None, float(mu)
+
+
+def _fill_args(fill):
+    """(fill_mode, fill_value) for the kernels."""
+    if isinstance(fill, str):
+        if fill != "keep":
+            raise ValueError(f'fill must be -inf, "keep" or a finite float, got {fill!r}')
+        return _FILL_KEEP, 0.0
+    _check_real("fill", fill)
+    if fill == -math.inf:
+        return _FILL_NEG_INF, 0.0
+    if not math.isfinite(fill):
+        raise ValueError(f'fill must be -inf, "keep" or a finite float, got {fill}')
+    return _FILL_VALUE, float(fill)
+
+
+def _check_out(out, z_adapted):
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.float32 or out.shape != z_adapted.shape or out.device != z_adapted.device:
+        raise ValueError(f"out must be a float32 tensor of shape {tuple(z_adapted.shape)} on {z_adapted.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def _check_labels(labels, z_adapted, ignore_index):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    if labels.device != z_adapted.device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {z_adapted.device}")
+    rows_shape = z_adapted.shape[:-1]
+    if labels.shape != rows_shape and labels.shape != (math.prod(rows_shape),):
+        raise ValueError(f"labels must have one token id per row of logits, shape {tuple(rows_shape)}; "
+                         f"got {tuple(labels.shape)}")
+    if _checking_values() and labels.numel():
+        vocab = z_adapted.shape[-1]
+        ok = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
+        if not bool(ok.all()):
+            bad = labels[~ok][0].item()
+            raise ValueError(f"labels must be token ids in [0, {vocab}) or ignore_index={ignore_index}; "
+                             f"found {bad}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ops.
+
+
+def steering_vector(z_adapted, z_base):
+    """delta = J g (SPEC 1) for logits [..., V] of the adapted and the base model; float32 [..., V].
+
+    A row with NaN (or +inf) in either input comes back all NaN; a row where z_base is -inf at a
+    token z_adapted allows has an infinite KL and comes back all zeros (left unsteered).
+    """
+    _check_logits(z_adapted, z_base)
+    if _use_native(z_adapted.device):
+        return torch.ops.svd_fast.steering_vector(z_adapted, z_base)
+    return reference.steering_vector(z_adapted, z_base)
+
+
+def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=float("-inf"), out=None):
+    """Steered logits z_hat (SPEC 3): z_a + mu * delta on the confident tokens, `fill` elsewhere.
+
+    mu: a float or a tensor with one value per row. alpha in (0, 1]: keep tokens with
+    p_a >= alpha * max p_a. fill: -inf (default), "keep" (masked tokens keep z_a) or a finite
+    float lambda (masked tokens get z_a + mu * lambda). out: an optional float32 buffer shaped like
+    z_adapted (z_adapted itself when it is float32, for in-place). Returns float32 [..., V]; a row
+    with NaN or +inf in either input comes back all NaN.
+    """
+    _check_logits(z_adapted, z_base)
+    _check_alpha(alpha)
+    mu_rows, mu_value = _mu_args(mu, z_adapted)
+    fill_mode, fill_value = _fill_args(fill)
+    if out is not None:
+        _check_out(out, z_adapted)
+    log_alpha = math.log(alpha)
+    if _use_native(z_adapted.device):
+        if out is None:
+            return torch.ops.svd_fast.steer_logits(z_adapted, z_base, mu_rows, mu_value, log_alpha, fill_mode,
+                                                   fill_value)
+        torch.ops.svd_fast.steer_logits_out(z_adapted, z_base, mu_rows, mu_value, log_alpha, fill_mode,
+                                            fill_value, out)
+        return out
+    mu_ref = mu_value if mu_rows is None else mu_rows.reshape(z_adapted.shape[:-1])
+    result = reference.steer_logits(z_adapted, z_base, mu_ref, alpha, fill)
+    return result if out is None else out.copy_(result)
+
+
+def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100):
+    """Per-position calibration strength mu* (SPEC 4), fused: no [N, V] temporaries.
+
+    z_adapted, z_base: [..., V] teacher-forced logits; labels: [...] target token ids, ignore_index
+    where a position is not a target. Returns (mu_star float32, valid bool), both shaped like labels.
+    valid is False for ignored positions and where ||delta_K||^2 < eps (mu_star = 0 there) and for
+    rows with NaN (mu_star = NaN).
+    """
+    _check_logits(z_adapted, z_base)
+    _check_alpha(alpha)
+    _check_real("eps", eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_labels(labels, z_adapted, ignore_index)
+    labels = labels.reshape(z_adapted.shape[:-1])
+    if _use_native(z_adapted.device):
+        return torch.ops.svd_fast.token_mu(z_adapted, z_base, labels.to(torch.int64), math.log(alpha), float(eps),
+                                           int(ignore_index))
+    return reference.token_mu(z_adapted, z_base, labels, alpha, eps, ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes for torch.compile / meta tensors.
+
+if _NATIVE:
+
+    @torch.library.register_fake("svd_fast::steering_vector")
+    def _steering_vector_fake(z_adapted, z_base):
+        return z_adapted.new_empty(z_adapted.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("svd_fast::steer_logits")
+    def _steer_logits_fake(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value):
+        return z_adapted.new_empty(z_adapted.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("svd_fast::steer_logits_out")
+    def _steer_logits_out_fake(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out):
+        return None
+
+    @torch.library.register_fake("svd_fast::token_mu")
+    def _token_mu_fake(z_adapted, z_base, labels, log_alpha, eps, ignore_index):
+        rows_shape = z_adapted.shape[:-1]
+        return (z_adapted.new_empty(rows_shape, dtype=torch.float32),
+                z_adapted.new_empty(rows_shape, dtype=torch.bool))

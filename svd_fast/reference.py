@@ -1,0 +1,80 @@
+"""Pure-PyTorch reference of the steering math (SPEC.md sections 1-4 and 8).
+
+Written for reading, not speed: it builds [B, V] temporaries freely. It is the correctness oracle the
+fused kernels are tested against, and the fallback when the compiled extension is missing. Inputs are
+already validated by svd_fast.ops; everything is computed in float32.
+"""
+import math
+
+import torch
+
+INF = float("inf")
+
+
+def _bad_rows(za, zb):
+    """Rows whose outputs are NaN: a NaN or +inf in either input, or z_a entirely -inf."""
+    finite_or_neg_inf = (za < INF) & (zb < INF)  # False for NaN and +inf
+    return ~finite_or_neg_inf.all(-1, keepdim=True) | (za == -INF).all(-1, keepdim=True)
+
+
+def steering_vector(z_adapted, z_base):
+    """delta = J g = p_a * (KL(p_a || p_b) - log(p_a / p_b))   (SPEC 1), float32."""
+    za, zb = z_adapted.float(), z_base.float()
+    log_pa, log_pb = za.log_softmax(-1), zb.log_softmax(-1)
+    pa = log_pa.exp()
+    live = za > -INF  # p_a > 0
+    log_ratio = torch.where(live, log_pa - log_pb, 0.0)
+    kl = (pa * log_ratio).sum(-1, keepdim=True)
+    delta = pa * (kl - log_ratio)
+    # SPEC 8: z_b = -inf where z_a is finite makes the KL infinite; such a row is left unsteered.
+    steerable = ~(live & (zb == -INF)).any(-1, keepdim=True)
+    delta = torch.where(steerable, delta, 0.0)
+    return torch.where(_bad_rows(za, zb), float("nan"), delta)
+
+
+def keep_mask(z_adapted, alpha):
+    """K = {y : p_a(y) >= alpha * max p_a} = {y : z_a(y) >= max z_a + log(alpha)}   (SPEC 2)."""
+    za = z_adapted.float()
+    return za >= za.max(-1, keepdim=True).values + math.log(alpha)
+
+
+def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=-INF):
+    """z_hat = z_a + mu * delta on the keep set, `fill` elsewhere   (SPEC 3).
+
+    mu: float, or a tensor with one value per row (za.shape[:-1]); fill: -inf, "keep" or a finite float.
+    """
+    za = z_adapted.float()
+    delta = steering_vector(z_adapted, z_base)
+    if torch.is_tensor(mu):
+        mu = mu.to(za.device, torch.float32).reshape(*za.shape[:-1], 1)
+    if fill == "keep":
+        masked = za
+    elif fill == -INF:
+        masked = torch.full_like(za, -INF)
+    else:
+        masked = za + mu * fill
+    z_hat = torch.where(keep_mask(za, alpha), za + mu * delta, masked)
+    return torch.where(_bad_rows(za, z_base.float()), float("nan"), z_hat)
+
+
+def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100):
+    """Per-position mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4).
+
+    Returns (mu_star, valid) shaped like labels. Skipped positions (label == ignore_index, or
+    ||delta_K||^2 < eps) give mu_star = 0 and valid = False; rows with NaN give NaN and False.
+    """
+    vocab = z_adapted.shape[-1]
+    za = z_adapted.float().reshape(-1, vocab)
+    zb = z_base.float().reshape(-1, vocab)
+    labels = labels.reshape(-1)
+    delta_k = torch.where(keep_mask(za, alpha), steering_vector(za, zb), 0.0)
+    target = labels != ignore_index
+    onehot = torch.nn.functional.one_hot(torch.where(target, labels, 0), vocab).float()
+    numerator = ((onehot - za.softmax(-1)) * delta_k).sum(-1)
+    norm_sq = (delta_k**2).sum(-1)
+    bad = _bad_rows(za, zb).squeeze(-1)
+    valid = target & ~bad & (norm_sq >= eps)
+    mu_star = torch.where(valid, numerator / (norm_sq + eps), 0.0)
+    mu_star = torch.where(target & bad, float("nan"), mu_star)
+    shape = z_adapted.shape[:-1]
+    return mu_star.reshape(shape), valid.reshape(shape)
