@@ -23,7 +23,9 @@ nvcc = CUDA_HOME and (shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")))
 with_cuda = bool(want_cuda and nvcc)
 
 sources = ["csrc/steering.cpp", "csrc/steering_cpu.cpp"]
-cxx_flags = ["-O3", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is header code that needs it, and the `omp simd` loops;
+# -fno-trapping-math lets GCC turn the selects in steering_math.h into blends; fp-contract: FMAs.
+cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast", "-fvisibility=hidden"]
 extension = CppExtension
 define_macros = []
 extra = {"cxx": cxx_flags}
@@ -45,6 +47,7 @@ setup(
             include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension},

@@ -1,6 +1,7 @@
 // CPU kernels: rows (and, when rows are few, vocabulary chunks) run in parallel with at::parallel_for;
-// the inner loops work on float blocks that fit in L1 and are written as fixed-width lane loops that
-// GCC vectorizes, compiled twice (x86-64-v3 = AVX2/FMA, and baseline) and picked at load time.
+// the inner loops work on float blocks that fit in L1 and are `omp simd` loops (vectorized reductions),
+// compiled for AVX-512 (x86-64-v4), AVX2/FMA (x86-64-v3) and baseline x86-64, the best one picked at
+// load time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,7 +13,7 @@
 #include "steering_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SVD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define SVD_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SVD_CPU_CLONES
 #endif
@@ -21,96 +22,63 @@ namespace svd_fast {
 namespace {
 
 constexpr int64_t kBlock = 1024;      // elements handled at a time, as float32 (8 KiB for two rows)
-constexpr int kLanes = 16;            // independent accumulators: vectorizable without reassociation
 constexpr int64_t kMinChunk = 16384;  // smallest vocabulary chunk worth a task of its own
+constexpr int64_t kAlign = 16;        // chunk boundaries, in elements (one AVX-512 vector)
+
+SVD_CPU_CLONES
+float block_max(const float* __restrict a, int64_t n) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = max_ignoring_nan(m, a[i]);
+  return m;
+}
 
 SVD_CPU_CLONES
 RowStats block_stats(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float ma[kLanes], mb[kLanes];
-  uint32_t flags[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    ma[j] = -kInf;
-    mb[j] = -kInf;
-    flags[j] = 0;
+  float max_a = -kInf, max_b = -kInf;
+  uint32_t flags = 0;
+#pragma omp simd reduction(max : max_a, max_b) reduction(| : flags)
+  for (int64_t i = 0; i < n; ++i) {
+    max_a = max_ignoring_nan(max_a, a[i]);
+    max_b = max_ignoring_nan(max_b, b[i]);
+    flags |= element_flags(a[i], b[i]);
   }
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      ma[j] = max_ignoring_nan(ma[j], a[i + j]);
-      mb[j] = max_ignoring_nan(mb[j], b[i + j]);
-      flags[j] |= element_flags(a[i + j], b[i + j]);
-    }
-  }
-  RowStats s = empty_stats();
-  for (int j = 0; j < kLanes; ++j) {
-    s.max_a = max_ignoring_nan(s.max_a, ma[j]);
-    s.max_b = max_ignoring_nan(s.max_b, mb[j]);
-    s.flags |= flags[j];
-  }
-  for (int64_t i = body; i < n; ++i) {
-    s.max_a = max_ignoring_nan(s.max_a, a[i]);
-    s.max_b = max_ignoring_nan(s.max_b, b[i]);
-    s.flags |= element_flags(a[i], b[i]);
-  }
-
-  float sa[kLanes], sb[kLanes], cross[kLanes];
-  for (int j = 0; j < kLanes; ++j) sa[j] = sb[j] = cross[j] = 0.0f;
-  const float max_a = s.max_a, max_b = s.max_b;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const ElementTerms t = element_terms(a[i + j], b[i + j], max_a, max_b);
-      sa[j] += t.exp_a;
-      sb[j] += t.exp_b;
-      cross[j] += t.cross;
-    }
-  }
-  for (int64_t i = body; i < n; ++i) {
+  float sum_a = 0.0f, sum_b = 0.0f, cross = 0.0f;
+#pragma omp simd reduction(+ : sum_a, sum_b, cross)
+  for (int64_t i = 0; i < n; ++i) {
     const ElementTerms t = element_terms(a[i], b[i], max_a, max_b);
-    s.sum_a += t.exp_a;
-    s.sum_b += t.exp_b;
-    s.cross += t.cross;
+    sum_a += t.exp_a;
+    sum_b += t.exp_b;
+    cross += t.cross;
   }
-  for (int j = 0; j < kLanes; ++j) {
-    s.sum_a += sa[j];
-    s.sum_b += sb[j];
-    s.cross += cross[j];
-  }
-  return s;
+  return RowStats{max_a, sum_a, max_b, sum_b, cross, flags};
 }
 
 SVD_CPU_CLONES
 void block_delta(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r,
                  float* __restrict out) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float p_a;
     out[i] = steering_delta(a[i], b[i], r, p_a);
   }
 }
 
-// Kept tokens are few (alpha = 0.1 keeps those within log(10) of the top logit), so groups of lanes
-// with none kept skip the exp and write the fill directly.
+// Kept tokens are few (alpha = 0.1 keeps those within log(10) of the top logit), so a block whose
+// largest logit is below the keep threshold skips the exp and is written as fill directly.
 SVD_CPU_CLONES
 void block_steer(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r, float mu,
-                 int64_t fill_mode, float fill_value, float* __restrict out) {
-  const int64_t body = n - n % kLanes;
-  for (int64_t i = 0; i < body; i += kLanes) {
-    bool any_kept = false;
-    for (int j = 0; j < kLanes; ++j) any_kept |= is_kept(a[i + j], r);
-    if (!any_kept) {
-      for (int j = 0; j < kLanes; ++j)
-        out[i + j] = steered_logit(a[i + j], 0.0f, false, mu, fill_mode, fill_value);
-      continue;
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      float p_a;
-      const float d = steering_delta(a[i + j], b[i + j], r, p_a);
-      out[i + j] = steered_logit(a[i + j], d, is_kept(a[i + j], r), mu, fill_mode, fill_value);
-    }
+                 FillRule fill, float* __restrict out) {
+  if (!is_kept(block_max(a, n), r)) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = steered_logit(a[i], 0.0f, false, mu, fill);
+    return;
   }
-  for (int64_t i = body; i < n; ++i) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
     float p_a;
     const float d = steering_delta(a[i], b[i], r, p_a);
-    out[i] = steered_logit(a[i], d, is_kept(a[i], r), mu, fill_mode, fill_value);
+    out[i] = steered_logit(a[i], d, is_kept(a[i], r), mu, fill);
   }
 }
 
@@ -120,15 +88,17 @@ struct KeptSums {
 
 SVD_CPU_CLONES
 KeptSums block_kept_sums(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r) {
-  KeptSums s{0.0f, 0.0f};
+  float pa_dot_delta = 0.0f, delta_sq = 0.0f;
+  if (!is_kept(block_max(a, n), r)) return KeptSums{0.0f, 0.0f};
+#pragma omp simd reduction(+ : pa_dot_delta, delta_sq)
   for (int64_t i = 0; i < n; ++i) {
-    if (!is_kept(a[i], r)) continue;
     float p_a;
     const float d = steering_delta(a[i], b[i], r, p_a);
-    s.pa_dot_delta += p_a * d;
-    s.delta_sq += d * d;
+    const bool kept = is_kept(a[i], r);
+    pa_dot_delta += kept ? p_a * d : 0.0f;
+    delta_sq += kept ? d * d : 0.0f;
   }
-  return s;
+  return KeptSums{pa_dot_delta, delta_sq};
 }
 
 // A float view of n logits: the input itself for float32, else converted into buf. `copy` forces a
@@ -178,7 +148,7 @@ std::vector<RowSummary> row_summaries(const T* za, const T* zb, int64_t rows, in
 }
 
 SplitPlan cpu_plan(int64_t rows, int64_t vocab) {
-  return plan_splits(rows, vocab, 2 * at::get_num_threads(), kMinChunk, kLanes);
+  return plan_splits(rows, vocab, 2 * at::get_num_threads(), kMinChunk, kAlign);
 }
 
 // Pass 2 for the two ops with a [rows, V] float output: block_fn(a, b, n, summary, row, out).
@@ -228,7 +198,7 @@ void steer_logits_out_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
   write_rows(x, static_cast<float>(log_alpha), out.data_ptr<float>(),
              [&](const float* a, const float* b, int64_t n, const RowSummary& r, int64_t row, float* o) {
                const float row_mu = mu_of_row ? mu_of_row[row] : static_cast<float>(mu);
-               block_steer(a, b, n, r, row_mu, fill_mode, static_cast<float>(fill_value), o);
+               block_steer(a, b, n, r, row_mu, fill_rule(fill_mode, row_mu, static_cast<float>(fill_value)), o);
              });
 }
 

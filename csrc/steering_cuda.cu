@@ -154,6 +154,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   float* out = kind == Output::kKeptSums ? nullptr : args.out + row * vocab;
   const float mu = args.mu_rows ? args.mu_rows[row] : args.mu;
+  const FillRule fill = fill_rule(args.fill_mode, mu, args.fill_value);
   float2 sums = make_float2(0.0f, 0.0f);
   for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t i, const auto& a, const auto& b) {
     constexpr int N = sizeof(a) / sizeof(float);
@@ -165,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
       const bool kept = is_kept(a[j], r);
       if constexpr (kind == Output::kDelta) o[j] = r.bad ? kNaN : d;
       if constexpr (kind == Output::kSteered)
-        o[j] = r.bad ? kNaN : steered_logit(a[j], d, kept, mu, args.fill_mode, args.fill_value);
+        o[j] = r.bad ? kNaN : steered_logit(a[j], d, kept, mu, fill);
       if constexpr (kind == Output::kKeptSums) {
         sums.x += kept ? p_a * d : 0.0f;
         sums.y += kept ? d * d : 0.0f;

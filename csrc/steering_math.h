@@ -14,6 +14,9 @@
 
 #if defined(__CUDACC__)
 #define SVD_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// Forced: GCC will not otherwise inline these into the target_clones kernels, leaving calls per element.
+#define SVD_HD inline __attribute__((always_inline))
 #else
 #define SVD_HD inline
 #endif
@@ -146,13 +149,20 @@ SVD_HD float steering_delta(float a, float b, const RowSummary& r, float& p_a) {
 
 SVD_HD bool is_kept(float a, const RowSummary& r) { return a >= r.keep_threshold; }
 
+// How a masked token is written, for one row: -inf, or z_a + add (add = 0 for "keep", mu * lambda for a
+// finite lambda). Decided once per row so the element loop has no branch on the mode.
+struct FillRule {
+  bool neg_inf;
+  float add;
+};
+
+SVD_HD FillRule fill_rule(int64_t fill_mode, float mu, float fill_value) {
+  return FillRule{fill_mode == kFillNegInf, fill_mode == kFillValue ? mu * fill_value : 0.0f};
+}
+
 // z_hat(y) (SPEC 3).
-SVD_HD float steered_logit(float a, float delta, bool kept, float mu, int64_t fill_mode,
-                           float fill_value) {
-  const float masked = fill_mode == kFillNegInf ? -kInf
-                       : fill_mode == kFillKeep ? a
-                                                : a + mu * fill_value;
-  return kept ? a + mu * delta : masked;
+SVD_HD float steered_logit(float a, float delta, bool kept, float mu, FillRule fill) {
+  return kept ? a + mu * delta : (fill.neg_inf ? -kInf : a + fill.add);
 }
 
 // mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4), from

@@ -1,0 +1,360 @@
+"""The compiled kernels against the PyTorch reference, and the reference against SPEC.md itself."""
+import math
+
+import pytest
+import torch
+
+import svd_fast
+from svd_fast import reference
+
+from conftest import DEVICES, DTYPES, backend, random_logits
+
+INF = float("inf")
+VOCABS = [1, 7, 1000, 32000, 151936, 262144]
+ROWS = [0, 1, 3, 64]
+
+
+def assert_close(actual, expected):
+    """Kernel vs reference. Inputs of every dtype are upcast to float32 on load, so both see the same
+    numbers; what differs is float32 summation order over up to 262k terms and the kernels' exp
+    (~2 ulp). Errors are measured against the output's largest finite magnitude."""
+    finite = expected[torch.isfinite(expected)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Native vs reference on fresh random inputs, every op, dtype and size.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", VOCABS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_ops_match_reference(rows, vocab, dtype, device):
+    za, zb = random_logits((rows,), vocab, dtype, device, seed=rows * 7 + vocab)
+    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab)).to(device)
+    if rows:
+        labels[0] = -100
+
+    delta = svd_fast.steering_vector(za, zb)
+    assert delta.dtype == torch.float32 and delta.shape == za.shape
+    assert_close(delta, reference.steering_vector(za, zb))
+
+    z_hat = svd_fast.steer_logits(za, zb, mu=1.7, alpha=0.1)
+    assert z_hat.dtype == torch.float32 and z_hat.shape == za.shape
+    assert_close(z_hat, reference.steer_logits(za, zb, 1.7, 0.1))
+
+    mu_star, valid = svd_fast.token_mu(za, zb, labels, alpha=0.1)
+    ref_mu, ref_valid = reference.token_mu(za, zb, labels, alpha=0.1)
+    assert mu_star.shape == valid.shape == labels.shape
+    assert torch.equal(valid, ref_valid)
+    torch.testing.assert_close(mu_star, ref_mu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1e-4, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("mu", [-3.0, 0.0, 0.25, 8.0])
+@pytest.mark.parametrize("fill", [-INF, "keep", -5.0, 2.0])
+def test_steer_logits_settings(fill, mu, alpha, dtype, device):
+    za, zb = random_logits((2, 3), 5000, dtype, device, seed=11)
+    expected = reference.steer_logits(za, zb, mu, alpha, fill)
+    assert_close(svd_fast.steer_logits(za, zb, mu, alpha, fill), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_leading_dims_and_non_contiguous(device):
+    za, zb = random_logits((4, 6), 3001, torch.float32, device, seed=3)
+    za_t, zb_t = za.transpose(0, 1), zb.transpose(0, 1)  # [6, 4, V], not contiguous
+    assert not za_t.is_contiguous()
+    assert_close(svd_fast.steering_vector(za_t, zb_t), reference.steering_vector(za_t, zb_t))
+    out = svd_fast.steer_logits(za_t, zb_t, 0.5)
+    assert out.shape == (6, 4, 3001)
+    assert_close(out, reference.steer_logits(za_t, zb_t, 0.5))
+    labels = torch.randint(0, 3001, (6, 4), device=device)
+    mu_star, valid = svd_fast.token_mu(za_t, zb_t, labels)
+    assert mu_star.shape == (6, 4)
+    torch.testing.assert_close(mu_star, reference.token_mu(za_t, zb_t, labels)[0], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_row_mu_equals_row_by_row(device):
+    za, zb = random_logits((5,), 4000, torch.bfloat16, device, seed=5)
+    mu = torch.tensor([-2.0, 0.0, 0.5, 1.0, 6.0], device=device)
+    batched = svd_fast.steer_logits(za, zb, mu, fill=-3.0)
+    for i in range(5):
+        row = svd_fast.steer_logits(za[i : i + 1], zb[i : i + 1], float(mu[i]), fill=-3.0)
+        torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=0)
+    assert_close(batched, reference.steer_logits(za, zb, mu, fill=-3.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_buffer_and_in_place(device):
+    za, zb = random_logits((3,), 20000, torch.float32, device, seed=8)
+    expected = svd_fast.steer_logits(za, zb, 0.8)
+    buffer = torch.empty_like(za)
+    assert svd_fast.steer_logits(za, zb, 0.8, out=buffer) is buffer
+    torch.testing.assert_close(buffer, expected, rtol=0, atol=0)
+    in_place = za.clone()
+    result = svd_fast.steer_logits(in_place, zb, 0.8, out=in_place)
+    assert result is in_place
+    torch.testing.assert_close(in_place, expected, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The math itself (SPEC 1-4), checked without trusting the reference.
+
+
+def explicit_delta(za, zb):
+    """J g with the full softmax Jacobian, in float64."""
+    pa, pb = za.double().softmax(-1), zb.double().softmax(-1)
+    g = -(torch.log(pa / pb) + 1)
+    jacobian = torch.diag_embed(pa) - pa.unsqueeze(-1) * pa.unsqueeze(-2)
+    return (jacobian @ g.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("vocab", [2, 7, 50])
+def test_delta_is_jacobian_product(impl, vocab):
+    za, zb = random_logits((4,), vocab, seed=vocab)
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+    torch.testing.assert_close(delta.double(), explicit_delta(za, zb), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+@pytest.mark.parametrize("vocab", [1000, 151936])
+def test_delta_sums_to_zero(impl, vocab):
+    za, zb = random_logits((3,), vocab, seed=1)
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+    assert torch.all(delta.double().sum(-1).abs() < 1e-4 * delta.double().abs().sum(-1))
+
+
+@pytest.mark.parametrize("impl", ["native", "torch"])
+def test_token_mu_matches_spec_formula(impl):
+    vocab, alpha, eps = 40, 0.3, 1e-12
+    za, zb = random_logits((6,), vocab, seed=2, scale=1.0)
+    labels = torch.tensor([0, 5, 17, 39, -100, 3])
+    with backend(impl):
+        mu_star, valid = svd_fast.token_mu(za, zb, labels, alpha=alpha, eps=eps)
+    delta = explicit_delta(za, zb)
+    pa = za.double().softmax(-1)
+    keep = pa >= alpha * pa.max(-1, keepdim=True).values
+    delta_k = torch.where(keep, delta, 0.0)
+    for i, y in enumerate(labels.tolist()):
+        if y == -100:
+            assert not valid[i] and mu_star[i] == 0
+            continue
+        onehot = torch.nn.functional.one_hot(torch.tensor(y), vocab).double()
+        expected = ((onehot - pa[i]) * delta_k[i]).sum() / ((delta_k[i] ** 2).sum() + eps)
+        assert valid[i]
+        assert math.isclose(float(mu_star[i]), float(expected), rel_tol=1e-3, abs_tol=1e-5)
+
+
+def test_steered_logits_follow_spec_on_a_small_case():
+    za = torch.tensor([[2.0, 1.9, 0.0, -3.0, 1.0]])
+    zb = torch.tensor([[1.0, 2.0, 0.5, -1.0, 0.0]])
+    mu, alpha = 2.5, 0.5
+    delta = explicit_delta(za, zb).float()
+    keep = za >= za.max() + math.log(alpha)
+    assert keep.tolist() == [[True, True, False, False, False]]
+    expected = torch.where(keep, za + mu * delta, -INF)
+    torch.testing.assert_close(svd_fast.steer_logits(za, zb, mu, alpha), expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edge cases (SPEC 8), each op on native and reference alike.
+
+IMPLS = ["native", "torch"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_neg_inf_tokens_stay_masked(dtype, impl, device):
+    za, zb = random_logits((3,), 1000, dtype, device, seed=4)
+    za[:, ::3] = -INF  # already ruled out, e.g. by top-k before steering
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+        for fill in (-INF, "keep", 4.0):
+            z_hat = svd_fast.steer_logits(za, zb, -2.0, fill=fill)
+            if fill != 4.0:
+                assert torch.all(z_hat[:, ::3] == -INF)
+    assert torch.all(delta[:, ::3] == 0)
+    assert torch.isfinite(delta).all()
+    assert_close(delta, reference.steering_vector(za, zb))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_base_ruling_out_an_adapted_token_leaves_row_unsteered(impl, device):
+    za, zb = random_logits((3,), 500, torch.float32, device, seed=6)
+    zb[1, 10] = -INF  # KL(p_a || p_b) is infinite in row 1
+    labels = torch.tensor([1, 2, 3], device=device)
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+        z_hat = svd_fast.steer_logits(za, zb, 3.0, fill="keep")
+        mu_star, valid = svd_fast.token_mu(za, zb, labels, alpha=1e-3)
+    assert torch.all(delta[1] == 0) and delta[0].abs().sum() > 0
+    torch.testing.assert_close(z_hat[1], za[1], rtol=0, atol=0)
+    assert valid.tolist() == [True, False, True] and mu_star[1] == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("poison", [float("nan"), INF])
+@pytest.mark.parametrize("where", ["adapted", "base"])
+def test_nan_row_is_nan_and_other_rows_unaffected(where, poison, impl, device):
+    za, zb = random_logits((4,), 3000, torch.float32, device, seed=9)
+    clean_delta = reference.steering_vector(za, zb)
+    clean_steer = reference.steer_logits(za, zb, 1.0)
+    (za if where == "adapted" else zb)[2, 123] = poison
+    labels = torch.tensor([5, 6, 7, -100], device=device)
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+        z_hat = svd_fast.steer_logits(za, zb, 1.0)
+        mu_star, valid = svd_fast.token_mu(za, zb, labels)
+    assert torch.isnan(delta[2]).all() and torch.isnan(z_hat[2]).all()
+    assert torch.isnan(mu_star[2]) and not valid[2]
+    keep_rows = [0, 1, 3]
+    assert_close(delta[keep_rows], clean_delta[keep_rows])
+    assert_close(z_hat[keep_rows], clean_steer[keep_rows])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_finite_entry_and_vocab_of_one(impl, device):
+    za = torch.full((2, 9), -INF, device=device)
+    za[0, 4] = 1.5
+    za[1, 0] = -7.0
+    zb = torch.randn(2, 9, device=device)
+    with backend(impl):
+        delta = svd_fast.steering_vector(za, zb)
+        z_hat = svd_fast.steer_logits(za, zb, 5.0)
+        one = svd_fast.steer_logits(torch.tensor([[3.0]], device=device), torch.tensor([[-1.0]], device=device), 9.0)
+        one_delta = svd_fast.steering_vector(torch.tensor([[3.0]], device=device), torch.tensor([[-1.0]], device=device))
+    assert torch.all(delta == 0)
+    torch.testing.assert_close(z_hat, za, rtol=0, atol=0)
+    assert one.tolist() == [[3.0]] and one_delta.tolist() == [[0.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_equal_logits(impl, device):
+    za = torch.full((2, 64), 0.25, device=device)
+    zb = torch.linspace(-1, 1, 128, device=device).reshape(2, 64)
+    with backend(impl):
+        same = svd_fast.steering_vector(za, za)
+        z_hat = svd_fast.steer_logits(za, zb, 2.0, alpha=1.0)
+    assert torch.all(same.abs() < 1e-9)
+    assert torch.isfinite(z_hat).all()  # all tied with the top: all kept even at alpha = 1
+    assert_close(z_hat, reference.steer_logits(za, zb, 2.0, alpha=1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_magnitudes(dtype, device):
+    za, zb = random_logits((3,), 32000, dtype, device, seed=12, scale=1e4)
+    assert_close(svd_fast.steering_vector(za, zb), reference.steering_vector(za, zb))
+    assert_close(svd_fast.steer_logits(za, zb, 0.7), reference.steer_logits(za, zb, 0.7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_alpha_one_keeps_only_the_top_token(impl, device):
+    za, zb = random_logits((5,), 10000, torch.float32, device, seed=13)
+    with backend(impl):
+        z_hat = svd_fast.steer_logits(za, zb, 0.3, alpha=1.0)
+    finite = torch.isfinite(z_hat)
+    assert finite.sum(-1).tolist() == [1] * 5
+    assert torch.equal(finite.float().argmax(-1), za.argmax(-1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mu_zero_keeps_kept_tokens_unchanged(dtype, impl, device):
+    za, zb = random_logits((4,), 8000, dtype, device, seed=14)
+    with backend(impl):
+        z_hat = svd_fast.steer_logits(za, zb, 0.0, alpha=0.05)
+        kept = svd_fast.steer_logits(za, zb, 0.0, alpha=0.05, fill="keep")
+    keep = reference.keep_mask(za, 0.05)
+    assert torch.equal(z_hat[keep], za.float()[keep]) and torch.all(z_hat[~keep] == -INF)
+    assert torch.equal(kept, za.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_negative_mu_moves_against_delta(device):
+    za, zb = random_logits((2,), 2000, torch.float32, device, seed=15)
+    delta = svd_fast.steering_vector(za, zb)
+    z_hat = svd_fast.steer_logits(za, zb, -4.0, fill="keep")
+    moved = z_hat - za
+    keep = reference.keep_mask(za, 0.1)
+    assert torch.all(torch.sign(moved[keep]) == -torch.sign(delta[keep]))
+    assert torch.all(moved[~keep] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    za, zb = random_logits((0,), 50, torch.float32, device)
+    assert svd_fast.steering_vector(za, zb).shape == (0, 50)
+    assert svd_fast.steer_logits(za, zb, 1.0).shape == (0, 50)
+    mu_star, valid = svd_fast.token_mu(za, zb, torch.empty(0, dtype=torch.long, device=device))
+    assert mu_star.shape == valid.shape == (0,)
+
+
+def test_token_mu_skips_positions_with_tiny_delta():
+    za, zb = random_logits((3,), 100, seed=16)
+    zb[1] = za[1]  # identical distributions: delta = 0
+    mu_star, valid = svd_fast.token_mu(za, zb, torch.tensor([4, 4, 4]))
+    assert valid.tolist() == [True, False, True] and mu_star[1] == 0
+    _, valid_strict = svd_fast.token_mu(za, zb, torch.tensor([4, 4, 4]), eps=1e6)
+    assert not valid_strict.any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the argument.
+
+BAD_CALLS = [
+    (lambda za, zb: svd_fast.steer_logits(za, zb[:, :-1], 1.0), ValueError, "z_base has"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb[:1], 1.0), ValueError, "same vocabulary"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb.half(), 1.0), TypeError, "cast one"),
+    (lambda za, zb: svd_fast.steer_logits(za.long(), zb.long(), 1.0), TypeError, "z_adapted must hold"),
+    (lambda za, zb: svd_fast.steering_vector(za.double(), zb.double()), TypeError, "float32, bfloat16"),
+    (lambda za, zb: svd_fast.steering_vector(za.numpy(), zb), TypeError, "z_adapted must be a torch.Tensor"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, alpha=0.0), ValueError, "alpha must lie in"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, alpha=1.5), ValueError, "alpha must lie in"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, alpha=float("nan")), ValueError, "alpha"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.zeros(2, dtype=torch.long), alpha=-1), ValueError, "alpha"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, float("nan")), ValueError, "mu must be finite"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, INF), ValueError, "mu must be finite"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, torch.tensor([1.0, float("nan")])), ValueError, "mu must be"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, torch.ones(3)), ValueError, "one value per row"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, "big"), TypeError, "mu must be a real number"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, fill="drop"), ValueError, "fill must be"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, fill=INF), ValueError, "fill must be"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb, 1.0, out=torch.empty(2, 10, dtype=torch.bfloat16)),
+     ValueError, "out must be a float32"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.tensor([0, 10])), ValueError, "labels must be token ids"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.tensor([-5, 1])), ValueError, "found -5"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.tensor([0.0, 1.0])), TypeError, "labels must be an integer"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.tensor([0, 1, 2])), ValueError, "one token id per row"),
+    (lambda za, zb: svd_fast.steer_logits(za, zb.to("meta"), 1.0), ValueError, "different|is on"),
+    (lambda za, zb: svd_fast.token_mu(za, zb, torch.tensor([0, 1], device="meta")), ValueError, "labels are on"),
+    (lambda za, zb: svd_fast.steering_vector(za[:, :0], zb[:, :0]), ValueError, "non-empty last"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("call,error,message", BAD_CALLS)
+def test_bad_input_raises_clear_error(call, error, message, impl):
+    za, zb = random_logits((2,), 10)
+    with backend(impl), pytest.raises(error, match=message):
+        call(za, zb)
+
+
+def test_set_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        svd_fast.set_backend("fastest")
