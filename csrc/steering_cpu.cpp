@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -101,14 +102,32 @@ KeptSums block_kept_sums(const float* __restrict a, const float* __restrict b, i
   return KeptSums{pa_dot_delta, delta_sq};
 }
 
+SVD_CPU_CLONES
+void widen(const c10::BFloat16* __restrict in, int64_t n, float* __restrict out) {
+  const auto* bits = reinterpret_cast<const uint16_t*>(in);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;  // bf16 is the top half of a float32
+    std::memcpy(&out[i], &word, sizeof(float));
+  }
+}
+
+SVD_CPU_CLONES
+void widen(const c10::Half* __restrict in, int64_t n, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(in[i]);
+}
+
 // A float view of n logits: the input itself for float32, else converted into buf. `copy` forces a
 // copy for float32 too (when the output overwrites the input).
 template <typename T>
 const float* load_block(const T* p, int64_t n, float* buf, bool copy = false) {
   if constexpr (std::is_same_v<T, float>) {
     if (!copy) return p;
+    std::memcpy(buf, p, n * sizeof(float));
+  } else {
+    widen(p, n, buf);
   }
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
   return buf;
 }
 

@@ -120,9 +120,12 @@ SVD_HD ElementTerms element_terms(float a, float b, float max_a, float max_b) {
   return ElementTerms{ea, eb, c};
 }
 
-// What the output pass needs to know about a row.
+// What the output pass needs to know about a row. Log-probabilities are formed relative to the maxima,
+// log p_a(y) = (z_a(y) - max_a) - log sum_a, so large logits never meet a large log-sum-exp.
 struct RowSummary {
-  float lse_a, lse_b, kl, keep_threshold;
+  float max_a, max_b, log_sum_a;
+  float log_sums_ratio;  // log sum_a - log sum_b
+  float kl, keep_threshold;
   bool bad;        // NaN / +inf in the row, or z_a entirely -inf: outputs are NaN
   bool steerable;  // false when KL(p_a || p_b) is infinite: delta = 0 for the row
 };
@@ -131,19 +134,21 @@ SVD_HD RowSummary finalize(const RowStats& s, float log_alpha) {
   RowSummary r;
   r.bad = (s.flags & kBadValue) != 0u || !(s.sum_a > 0.0f);
   r.steerable = (s.flags & kBaseRulesOut) == 0u;
-  const float log_sum_a = logf(s.sum_a), log_sum_b = logf(s.sum_b);
-  r.lse_a = s.max_a + log_sum_a;
-  r.lse_b = s.max_b + log_sum_b;
-  r.kl = s.cross / s.sum_a - log_sum_a + log_sum_b;
+  r.max_a = s.max_a;
+  r.max_b = s.max_b;
+  r.log_sum_a = logf(s.sum_a);
+  r.log_sums_ratio = r.log_sum_a - logf(s.sum_b);
+  r.kl = s.cross / s.sum_a - r.log_sums_ratio;
   r.keep_threshold = s.max_a + log_alpha;  // p_a(y) >= alpha * p_a(top)  <=>  z_a(y) >= z_a(top) + log(alpha)
   return r;
 }
 
 // delta(y) = p_a(y) * (kl - (log p_a(y) - log p_b(y)))   (SPEC 1); also returns p_a(y).
 SVD_HD float steering_delta(float a, float b, const RowSummary& r, float& p_a) {
-  const float log_pa = a - r.lse_a, log_pb = b - r.lse_b;
-  p_a = exp_nonpositive(log_pa);
-  const float d = p_a * (r.kl - (log_pa - log_pb));
+  const float da = a - r.max_a, db = b - r.max_b;
+  p_a = exp_nonpositive(da - r.log_sum_a);
+  const float log_ratio = (da - db) - r.log_sums_ratio;  // grouped as in kl: a lone token gets exactly 0
+  const float d = p_a * (r.kl - log_ratio);
   return (r.steerable && a > -kInf) ? d : 0.0f;
 }
 

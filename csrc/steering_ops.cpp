@@ -1,14 +1,6 @@
-// Operator schemas of the svd_fast library and the Python extension module. The CPU and CUDA
-// implementations register themselves in steering_cpu.cpp and steering_cuda.cu.
+// Operator schemas of the svd_fast library. The CPU and CUDA implementations register themselves in
+// steering_cpu.cpp and steering_cuda.cu; the fake (shape) implementations live in svd_fast/ops.py.
 #include <torch/library.h>
-
-#include <Python.h>
-
-// Importing svd_fast._C loads this library, which runs the TORCH_LIBRARY registrations below.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
 
 TORCH_LIBRARY(svd_fast, m) {
   m.def("steering_vector(Tensor z_adapted, Tensor z_base) -> Tensor");
