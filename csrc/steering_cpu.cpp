@@ -221,22 +221,12 @@ void steer_logits_out_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
              });
 }
 
-at::Tensor steer_logits_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
-                            const c10::optional<at::Tensor>& mu_rows, double mu, double log_alpha,
-                            int64_t fill_mode, double fill_value) {
-  at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
-  steer_logits_out_cpu(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out);
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
                                                 const at::Tensor& labels, double log_alpha, double eps,
                                                 int64_t ignore_index) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   check_labels(x, labels);
-  const auto row_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
-  at::Tensor mu_star = at::empty(row_shape, z_adapted.options().dtype(at::kFloat));
-  at::Tensor valid = at::empty(row_shape, z_adapted.options().dtype(at::kBool));
+  auto [mu_star, valid] = empty_token_mu_outputs(z_adapted);
   if (x.rows == 0) return {mu_star, valid};
   const at::Tensor labels_c = labels.contiguous();
   const int64_t* label = labels_c.const_data_ptr<int64_t>();
@@ -265,14 +255,9 @@ std::tuple<at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted, con
       const RowSummary& r = summary[row];
       const int64_t y = label[row];
       const bool target = y != ignore_index && y >= 0 && y < x.vocab;
-      float label_delta_k = 0.0f;
-      if (target) {
-        const float a = static_cast<float>(za[row * x.vocab + y]);
-        const float b = static_cast<float>(zb[row * x.vocab + y]);
-        float p_a;
-        const float d = steering_delta(a, b, r, p_a);
-        label_delta_k = is_kept(a, r) ? d : 0.0f;
-      }
+      const float label_delta_k =
+          target ? kept_delta(static_cast<float>(za[row * x.vocab + y]), static_cast<float>(zb[row * x.vocab + y]), r)
+                 : 0.0f;
       KeptSums s{0.0f, 0.0f};
       for (int64_t k = 0; k < plan.splits; ++k) {
         s.pa_dot_delta += partial[row * plan.splits + k].pa_dot_delta;
@@ -289,7 +274,6 @@ std::tuple<at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted, con
 
 TORCH_LIBRARY_IMPL(svd_fast, CPU, m) {
   m.impl("steering_vector", &steering_vector_cpu);
-  m.impl("steer_logits", &steer_logits_cpu);
   m.impl("steer_logits_out", &steer_logits_out_cpu);
   m.impl("token_mu", &token_mu_cpu);
 }

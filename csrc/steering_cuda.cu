@@ -201,13 +201,8 @@ __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels,
   const RowSummary r = finalize(s, log_alpha);
   const int64_t y = labels[row];
   const bool target = y != ignore_index && y >= 0 && y < vocab;
-  float label_delta_k = 0.0f;
-  if (target) {
-    const float a = static_cast<float>(za[row * vocab + y]), b = static_cast<float>(zb[row * vocab + y]);
-    float p_a;
-    const float d = steering_delta(a, b, r, p_a);
-    label_delta_k = is_kept(a, r) ? d : 0.0f;
-  }
+  const float label_delta_k =
+      target ? kept_delta(static_cast<float>(za[row * vocab + y]), static_cast<float>(zb[row * vocab + y]), r) : 0.0f;
   bool ok;
   token_mu_from_sums(target, r.bad, label_delta_k, sums.x, sums.y, eps, mu_star[row], ok);
   valid[row] = ok;
@@ -287,22 +282,12 @@ void steer_logits_out_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base
   launch<Output::kSteered>(x, args);
 }
 
-at::Tensor steer_logits_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
-                             const c10::optional<at::Tensor>& mu_rows, double mu, double log_alpha,
-                             int64_t fill_mode, double fill_value) {
-  at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
-  steer_logits_out_cuda(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out);
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
                                                  const at::Tensor& labels, double log_alpha, double eps,
                                                  int64_t ignore_index) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   check_labels(x, labels);
-  const auto row_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
-  at::Tensor mu_star = at::empty(row_shape, z_adapted.options().dtype(at::kFloat));
-  at::Tensor valid = at::empty(row_shape, z_adapted.options().dtype(at::kBool));
+  auto [mu_star, valid] = empty_token_mu_outputs(z_adapted);
   if (x.rows == 0) return {mu_star, valid};
   const at::Tensor labels_c = labels.contiguous();
   const c10::cuda::CUDAGuard guard(x.z_a.device());
@@ -327,7 +312,6 @@ std::tuple<at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted, co
 
 TORCH_LIBRARY_IMPL(svd_fast, CUDA, m) {
   m.impl("steering_vector", &steering_vector_cuda);
-  m.impl("steer_logits", &steer_logits_cuda);
   m.impl("steer_logits_out", &steer_logits_out_cuda);
   m.impl("token_mu", &token_mu_cuda);
 }

@@ -58,6 +58,13 @@ void dispatch_logit_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// Outputs of token_mu: mu_star (float32) and valid (bool), shaped like the rows of z_adapted.
+inline std::tuple<at::Tensor, at::Tensor> empty_token_mu_outputs(const at::Tensor& z_adapted) {
+  const auto rows_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
+  return {at::empty(rows_shape, z_adapted.options().dtype(at::kFloat)),
+          at::empty(rows_shape, z_adapted.options().dtype(at::kBool))};
+}
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Each row's vocabulary is cut into `splits` chunks of `chunk` elements (chunk a multiple of `align`).

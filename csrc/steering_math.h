@@ -154,6 +154,13 @@ SVD_HD float steering_delta(float a, float b, const RowSummary& r, float& p_a) {
 
 SVD_HD bool is_kept(float a, const RowSummary& r) { return a >= r.keep_threshold; }
 
+// delta_K at one token: delta there if it is kept, else 0 (the label's term in mu*).
+SVD_HD float kept_delta(float a, float b, const RowSummary& r) {
+  float p_a;
+  const float d = steering_delta(a, b, r, p_a);
+  return is_kept(a, r) ? d : 0.0f;
+}
+
 // How a masked token is written, for one row: -inf, or z_a + add (add = 0 for "keep", mu * lambda for a
 // finite lambda). Decided once per row so the element loop has no branch on the mode.
 struct FillRule {

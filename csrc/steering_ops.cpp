@@ -1,6 +1,25 @@
 // Operator schemas of the svd_fast library. The CPU and CUDA implementations register themselves in
 // steering_cpu.cpp and steering_cuda.cu; the fake (shape) implementations live in svd_fast/ops.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+namespace {
+
+// The functional op, for every backend: a fresh float32 output filled by steer_logits_out.
+at::Tensor steer_logits(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                        const c10::optional<at::Tensor>& mu_rows, double mu, double log_alpha, int64_t fill_mode,
+                        double fill_value) {
+  static const auto out_op = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("svd_fast::steer_logits_out", "")
+                                 .typed<void(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                             double, double, int64_t, double, at::Tensor&)>();
+  at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
+  out_op.call(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out);
+  return out;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(svd_fast, m) {
   m.def("steering_vector(Tensor z_adapted, Tensor z_base) -> Tensor");
@@ -13,6 +32,7 @@ TORCH_LIBRARY(svd_fast, m) {
   m.def(
       "token_mu(Tensor z_adapted, Tensor z_base, Tensor labels, float log_alpha, float eps, "
       "int ignore_index) -> (Tensor, Tensor)");
+  m.impl("steer_logits", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(steer_logits));
   m.def("has_cuda_kernels() -> bool", [] {
 #ifdef SVD_FAST_WITH_CUDA
     return true;

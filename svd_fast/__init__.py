@@ -5,7 +5,7 @@
     z_hat = svd_fast.steer_logits(z_adapted, z_base, mu=0.5, alpha=0.1)
     mu_star, valid = svd_fast.token_mu(z_adapted, z_base, labels)
 """
-from . import reference
+from . import ops, reference
 from .ops import (
     get_backend,
     has_cuda_kernels,
@@ -18,14 +18,4 @@ from .ops import (
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "reference",
-    "steering_vector",
-    "steer_logits",
-    "token_mu",
-    "set_backend",
-    "get_backend",
-    "native_available",
-    "has_cuda_kernels",
-    "__version__",
-]
+__all__ = ["reference", *ops.__all__, "__version__"]
