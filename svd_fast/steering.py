@@ -1,0 +1,290 @@
+"""Steered decoding for HuggingFace + PEFT models (SPEC 3 and 6).
+
+Every step needs the adapted and the base model's logits on the same context. For LoRA-family
+adapters both come from ONE batched forward: each row runs twice, once with the adapter and once as
+"__base__" (PEFT mixed-adapter batches), with one KV cache of 2B rows. Other PEFT methods take two
+forwards (the base one under `disable_adapter()`), with two caches, or none for prompt-learning
+methods, whose virtual tokens PEFT only handles on a full forward.
+
+HuggingFace `generate` drives the decoding: `SteeredModel.generate` hands it a thin causal-LM whose
+forward returns steered logits, so greedy, sampling, beam search, logits processors, stopping criteria
+and streamers all work as usual.
+"""
+import copy
+import inspect
+import math
+
+import torch
+from transformers import DynamicCache, GenerationMixin, LogitsProcessor, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import ops
+from .examples import ensure_pad_token
+
+# PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter.
+MIXED_BATCH_TUNERS = ("LORA", "LOHA", "LOKR")
+PROMPT_LEARNING_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
+BASE_ADAPTER = "__base__"
+
+
+def _peft_type(peft_model, adapter):
+    config = getattr(peft_model, "peft_config", {}).get(adapter)
+    if config is None:
+        raise ValueError(f"the model has no PEFT adapter named {adapter!r}: pass a peft.PeftModel "
+                         "(e.g. from svd_fast.warm_start or PeftModel.from_pretrained)")
+    return str(getattr(config.peft_type, "value", config.peft_type)).upper(), config
+
+
+def _cache_kwarg(model):
+    """transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _positions(attention_mask):
+    """Position ids of left-padded rows, as HF generate computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _PairedCache(DynamicCache):
+    """The KV cache of a mixed batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both."""
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(torch.cat([beam_idx, beam_idx + beam_idx.numel()]))
+
+
+class _TwoCaches(DynamicCache):
+    """Separate KV caches for the adapted and the base forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapted, self.base = DynamicCache(), DynamicCache()
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.adapted.get_seq_length(*args, **kwargs)
+
+    def reorder_cache(self, beam_idx):
+        self.adapted.reorder_cache(beam_idx)
+        self.base.reorder_cache(beam_idx)
+
+
+class SteeredModel:
+    """A PEFT model that decodes with steered logits (SPEC 3).
+
+    steered = SteeredModel(peft_model, mu=cal.mu_bar, alpha=0.1)
+    out = steered.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
+    logits = steered(input_ids, attention_mask=mask)        # steered logits at every position
+
+    one_forward: "auto" (mixed-adapter batches where the tuner supports them), True, or False
+    (always two forwards).
+    """
+
+    def __init__(self, peft_model, mu, alpha=0.1, fill=float("-inf"), adapter_name=None, one_forward="auto"):
+        adapter = adapter_name or getattr(peft_model, "active_adapter", None)
+        if not isinstance(adapter, str):
+            raise ValueError("pass adapter_name=...: the model has no single active PEFT adapter")
+        self.peft_type, self.peft_config = _peft_type(peft_model, adapter)
+        # Checked here, once, so a bad setting fails before any forward.
+        ops._check_alpha(alpha)
+        ops._fill_args(fill)
+        if not isinstance(mu, torch.Tensor):
+            ops._check_real("mu", mu)
+            if not math.isfinite(mu):
+                raise ValueError(f"mu must be finite, got {mu}")
+        self.model, self.adapter = peft_model, adapter
+        self.mu, self.alpha, self.fill = mu, alpha, fill
+        self.prompt_learning = self.peft_type in PROMPT_LEARNING_TUNERS
+        can_mix = self.peft_type in MIXED_BATCH_TUNERS and not getattr(self.peft_config, "use_dora", False)
+        if one_forward not in ("auto", True, False):
+            raise ValueError(f"one_forward must be 'auto', True or False, got {one_forward!r}")
+        if one_forward is True and not can_mix:
+            raise ValueError(f"{self.peft_type} adapters have no mixed-adapter batches in PEFT: use one_forward=False")
+        self.one_forward = can_mix if one_forward == "auto" else one_forward
+        self._cache_kwarg = _cache_kwarg(peft_model.get_base_model())
+        self._lm = None
+
+    @property
+    def mode(self):
+        """How the two distributions are computed: one forward, two forwards, or two without a cache."""
+        if self.one_forward:
+            return "one-forward"
+        return "two-forward (no cache)" if self.prompt_learning else "two-forward"
+
+    # ---------------------------------------------------------------------------------------------
+    # Both models' logits.
+
+    def logits_pair(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=None):
+        """(z_adapted, z_base, cache): both models' logits on the same context, [B, T, V] each.
+
+        attention_mask covers the cached tokens and the new ones (or is None: no padding)."""
+        extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+        n = input_ids.shape[0]
+        if self.prompt_learning:  # PEFT adds the virtual tokens itself; positions follow its own rule
+            z_a = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+            with self.model.disable_adapter():
+                z_b = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+            return z_a[:, -z_b.shape[1]:], z_b, None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = _positions(attention_mask)[:, -input_ids.shape[1]:]
+            else:
+                past = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand(n, -1)
+        if self.one_forward:
+            if cache is None:
+                cache = _PairedCache()
+            out = self.model(input_ids=torch.cat([input_ids, input_ids]),
+                             attention_mask=None if attention_mask is None else torch.cat([attention_mask] * 2),
+                             position_ids=torch.cat([position_ids, position_ids]),
+                             adapter_names=[self.adapter] * n + [BASE_ADAPTER] * n, use_cache=True,
+                             **{self._cache_kwarg: cache}, **extra)
+            return out.logits[:n], out.logits[n:], cache
+        if cache is None:
+            cache = _TwoCaches()
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                      **extra)
+        z_a = self.model(**kwargs, **{self._cache_kwarg: cache.adapted}).logits
+        with self.model.disable_adapter():
+            z_b = self.model(**kwargs, **{self._cache_kwarg: cache.base}).logits
+        return z_a, z_b, cache
+
+    def steer(self, z_adapted, z_base):
+        return ops.steer_logits(z_adapted, z_base, self.mu, self.alpha, self.fill)
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask=None):
+        """Steered logits at every position of the (right- or left-padded) batch, float32 [B, T, V]."""
+        z_a, z_b, _ = self.logits_pair(input_ids, attention_mask)
+        return self.steer(z_a, z_b)
+
+    # ---------------------------------------------------------------------------------------------
+    # Generation.
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """HuggingFace `generate` on the steered distribution: same arguments, same outputs."""
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (e.g. **tokenizer(prompts, return_tensors='pt', padding=True))")
+        if attention_mask is not None and attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("the batch is right-padded; decoder-only generation needs left padding: "
+                             "set tokenizer.padding_side = 'left'")
+        if self._lm is None:
+            self._lm = _SteeredCausalLM(self)
+        if self.prompt_learning:
+            kwargs.setdefault("use_cache", False)
+        return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------
+    # Multiple choice.
+
+    @torch.no_grad()
+    def score_choices(self, tokenizer, prompts, choices, batch_size=8, fill="keep"):
+        """Log-likelihood of each choice's tokens after its prompt, under the steered distribution.
+
+        choices[i] is the list of answer strings for prompts[i]. Returns (sum, mean) tensors of shape
+        [len(prompts), max number of choices] (NaN where a prompt has fewer choices): the summed and the
+        length-normalised log-probability. fill defaults to "keep": with fill=-inf any choice token outside
+        the keep set scores -inf, and choices would tie at -inf.
+        """
+        if len(prompts) != len(choices):
+            raise ValueError(f"prompts has {len(prompts)} entries but choices has {len(choices)}")
+        ensure_pad_token(tokenizer)
+        rows = []  # (prompt index, choice index, ids, first answer position)
+        for i, (prompt, options) in enumerate(zip(prompts, choices)):
+            if not options:
+                raise ValueError(f"choices[{i}] is empty")
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            for j, option in enumerate(options):
+                answer_ids = tokenizer(option, add_special_tokens=False)["input_ids"]
+                if not answer_ids:
+                    raise ValueError(f"choices[{i}][{j}] = {option!r} tokenizes to nothing")
+                rows.append((i, j, prompt_ids + answer_ids, len(prompt_ids)))
+        width = max(len(options) for options in choices)
+        total = torch.full((len(prompts), width), float("nan"))
+        mean = total.clone()
+        device = self.model.get_base_model().device
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            length = max(len(r[2]) for r in chunk)
+            ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for k, (_, _, seq, _) in enumerate(chunk):
+                ids[k, : len(seq)] = torch.tensor(seq)
+                mask[k, : len(seq)] = 1
+            z_a, z_b, _ = self.logits_pair(ids.to(device), mask.to(device))
+            log_probs = ops.steer_logits(z_a, z_b, self.mu, self.alpha, fill).log_softmax(-1).cpu()
+            for k, (i, j, seq, first) in enumerate(chunk):
+                targets = torch.tensor(seq[first:])
+                picked = log_probs[k, first - 1 : len(seq) - 1].gather(-1, targets[:, None]).squeeze(-1)
+                total[i, j] = picked.sum()
+                mean[i, j] = picked.mean()
+        return total, mean
+
+
+class _SteeredCausalLM(PreTrainedModel, GenerationMixin):
+    """What HF `generate` drives: a causal LM whose logits are the steered ones."""
+
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, steered):
+        base = steered.model.get_base_model()
+        super().__init__(copy.deepcopy(base.config))
+        self.steered = steered
+        self.inner = steered.model  # registered, so .device and .dtype follow the real weights
+        self.generation_config = copy.deepcopy(base.generation_config)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                use_cache=True, logits_to_keep=None, **_):
+        cache = cache if cache is not None else past_key_values
+        if not use_cache or not isinstance(cache, (_PairedCache, _TwoCaches)):
+            cache = None  # generate's own empty cache (or none wanted): ours replaces it
+        z_a, z_b, cache = self.steered.logits_pair(input_ids, attention_mask, position_ids, cache, logits_to_keep)
+        output = CausalLMOutputWithPast(logits=self.steered.steer(z_a, z_b))
+        if use_cache:
+            output["past_key_values"] = cache
+        return output
+
+    def _reorder_cache(self, cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+
+class SteeringLogitsProcessor(LogitsProcessor):
+    """Steering as a `LogitsProcessor`, for users who keep calling HF generate on their adapted model.
+
+    adapted.generate(**inputs, logits_processor=[SteeringLogitsProcessor(base_model, mu, alpha)])
+
+    base_model: the base model, or the PeftModel itself (its base is then run under disable_adapter()).
+    Each step reruns the base model on the whole sequence, without a cache: a full extra forward per
+    step, much slower than SteeredModel. A logits processor does not see the attention mask, so for a
+    left-padded batch pass the prompt's `attention_mask=` here too.
+    """
+
+    def __init__(self, base_model, mu, alpha=0.1, fill=float("-inf"), attention_mask=None):
+        ops._check_alpha(alpha)
+        ops._fill_args(fill)
+        self.base_model, self.mu, self.alpha, self.fill = base_model, mu, alpha, fill
+        self.prompt_mask = attention_mask
+
+    def _mask(self, input_ids):
+        mask = torch.ones_like(input_ids)
+        if self.prompt_mask is not None:
+            prompt = self.prompt_mask.to(input_ids.device)
+            copies = input_ids.shape[0] // prompt.shape[0]  # beams / samples per prompt
+            mask[:, : prompt.shape[1]] = prompt.repeat_interleave(copies, 0)
+        return mask
+
+    @torch.no_grad()
+    def __call__(self, input_ids, scores):
+        mask = self._mask(input_ids)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask))
+        if hasattr(self.base_model, "disable_adapter"):
+            with self.base_model.disable_adapter():
+                z_base = self.base_model(**kwargs).logits[:, -1]
+        else:
+            z_base = self.base_model(**kwargs).logits[:, -1]
+        return ops.steer_logits(scores, z_base.to(scores.dtype), self.mu, self.alpha, self.fill)
