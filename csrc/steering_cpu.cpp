@@ -221,17 +221,17 @@ void steer_logits_out_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
              });
 }
 
-std::tuple<at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
-                                                const at::Tensor& labels, double log_alpha, double eps,
-                                                int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted,
+                                                                        const at::Tensor& z_base,
+                                                                        const at::Tensor& labels, double log_alpha,
+                                                                        double eps, int64_t ignore_index) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   check_labels(x, labels);
-  auto [mu_star, valid] = empty_token_mu_outputs(z_adapted);
-  if (x.rows == 0) return {mu_star, valid};
+  TokenMuTensors result(z_adapted);
+  if (x.rows == 0) return result.tuple();
   const at::Tensor labels_c = labels.contiguous();
   const int64_t* label = labels_c.const_data_ptr<int64_t>();
-  float* mu_out = mu_star.data_ptr<float>();
-  bool* valid_out = valid.data_ptr<bool>();
+  const TokenMuOutputs out = result.pointers();
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -263,11 +263,10 @@ std::tuple<at::Tensor, at::Tensor> token_mu_cpu(const at::Tensor& z_adapted, con
         s.pa_dot_delta += partial[row * plan.splits + k].pa_dot_delta;
         s.delta_sq += partial[row * plan.splits + k].delta_sq;
       }
-      token_mu_from_sums(target, r.bad, label_delta_k, s.pa_dot_delta, s.delta_sq, static_cast<float>(eps),
-                         mu_out[row], valid_out[row]);
+      write_token_mu(out, row, target, r.bad, label_delta_k, s.pa_dot_delta, s.delta_sq, static_cast<float>(eps));
     }
   });
-  return {mu_star, valid};
+  return result.tuple();
 }
 
 }  // namespace

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels, int64_t rows, int64_t vocab,
                                 int64_t splits, const RowStats* partial, const float2* kept_sums,
-                                float log_alpha, float eps, int64_t ignore_index, float* mu_star, bool* valid) {
+                                float log_alpha, float eps, int64_t ignore_index, TokenMuOutputs out) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (row >= rows) return;
   RowStats s = empty_stats();
@@ -203,9 +203,7 @@ __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels,
   const bool target = y != ignore_index && y >= 0 && y < vocab;
   const float label_delta_k =
       target ? kept_delta(static_cast<float>(za[row * vocab + y]), static_cast<float>(zb[row * vocab + y]), r) : 0.0f;
-  bool ok;
-  token_mu_from_sums(target, r.bad, label_delta_k, sums.x, sums.y, eps, mu_star[row], ok);
-  valid[row] = ok;
+  write_token_mu(out, row, target, r.bad, label_delta_k, sums.x, sums.y, eps);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -282,13 +280,14 @@ void steer_logits_out_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base
   launch<Output::kSteered>(x, args);
 }
 
-std::tuple<at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
-                                                 const at::Tensor& labels, double log_alpha, double eps,
-                                                 int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted,
+                                                                         const at::Tensor& z_base,
+                                                                         const at::Tensor& labels, double log_alpha,
+                                                                         double eps, int64_t ignore_index) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   check_labels(x, labels);
-  auto [mu_star, valid] = empty_token_mu_outputs(z_adapted);
-  if (x.rows == 0) return {mu_star, valid};
+  TokenMuTensors result(z_adapted);
+  if (x.rows == 0) return result.tuple();
   const at::Tensor labels_c = labels.contiguous();
   const c10::cuda::CUDAGuard guard(x.z_a.device());
   OutputArgs args{};
@@ -302,10 +301,10 @@ std::tuple<at::Tensor, at::Tensor> token_mu_cuda(const at::Tensor& z_adapted, co
         x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), labels_c.const_data_ptr<int64_t>(), x.rows,
         x.vocab, pass.plan.splits, reinterpret_cast<const RowStats*>(pass.partial.const_data_ptr<float>()),
         reinterpret_cast<const float2*>(pass.kept_sums.const_data_ptr<float>()), static_cast<float>(log_alpha),
-        static_cast<float>(eps), ignore_index, mu_star.data_ptr<float>(), valid.data_ptr<bool>());
+        static_cast<float>(eps), ignore_index, result.pointers());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mu_star, valid};
+  return result.tuple();
 }
 
 }  // namespace

@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <tuple>
+
+#include "steering_math.h"
 
 namespace svd_fast {
 
@@ -58,12 +61,26 @@ void dispatch_logit_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-// Outputs of token_mu: mu_star (float32) and valid (bool), shaped like the rows of z_adapted.
-inline std::tuple<at::Tensor, at::Tensor> empty_token_mu_outputs(const at::Tensor& z_adapted) {
-  const auto rows_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
-  return {at::empty(rows_shape, z_adapted.options().dtype(at::kFloat)),
-          at::empty(rows_shape, z_adapted.options().dtype(at::kBool))};
-}
+// Outputs of token_mu, shaped like the rows of z_adapted: mu_star (float32), valid (bool), and the
+// numerator and ||delta_K||^2 of mu* (float32, for the ratio-of-sums reduction).
+struct TokenMuTensors {
+  at::Tensor mu_star, valid, numerator, norm_sq;
+
+  explicit TokenMuTensors(const at::Tensor& z_adapted) {
+    const auto rows_shape = z_adapted.sizes().slice(0, z_adapted.dim() - 1);
+    const auto f32 = z_adapted.options().dtype(at::kFloat);
+    mu_star = at::empty(rows_shape, f32);
+    valid = at::empty(rows_shape, z_adapted.options().dtype(at::kBool));
+    numerator = at::empty(rows_shape, f32);
+    norm_sq = at::empty(rows_shape, f32);
+  }
+  TokenMuOutputs pointers() {
+    return {mu_star.data_ptr<float>(), valid.data_ptr<bool>(), numerator.data_ptr<float>(), norm_sq.data_ptr<float>()};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
+    return {mu_star, valid, numerator, norm_sq};
+  }
+};
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -177,14 +177,26 @@ SVD_HD float steered_logit(float a, float delta, bool kept, float mu, FillRule f
   return kept ? a + mu * delta : (fill.neg_inf ? -kInf : a + fill.add);
 }
 
+// Where token_mu writes, one entry per row.
+struct TokenMuOutputs {
+  float* mu_star;
+  bool* valid;
+  float* numerator;  // <onehot(label) - p_a, delta_K>
+  float* norm_sq;    // ||delta_K||^2
+};
+
 // mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4), from
 //   label_delta_k = delta_K(label),  pa_dot_delta_k = sum_K p_a delta,  delta_k_sq = sum_K delta^2.
-// Skipped positions (ignored label, ||delta_K||^2 < eps) give (0, false); bad rows (NaN, false).
-SVD_HD void token_mu_from_sums(bool target, bool bad, float label_delta_k, float pa_dot_delta_k,
-                               float delta_k_sq, float eps, float& mu_star, bool& valid) {
-  valid = target && !bad && delta_k_sq >= eps;
-  mu_star = valid ? (label_delta_k - pa_dot_delta_k) / (delta_k_sq + eps)
-                  : ((target && bad) ? kNaN : 0.0f);
+// Ignored labels give (0, false, 0, 0); ||delta_K||^2 < eps gives mu* = 0, valid = false with the terms
+// kept; bad rows (NaN rows) give NaN and false.
+SVD_HD void write_token_mu(const TokenMuOutputs& out, int64_t row, bool target, bool bad, float label_delta_k,
+                           float pa_dot_delta_k, float delta_k_sq, float eps) {
+  const bool valid = target && !bad && delta_k_sq >= eps;
+  const float numerator = label_delta_k - pa_dot_delta_k;
+  out.valid[row] = valid;
+  out.mu_star[row] = valid ? numerator / (delta_k_sq + eps) : ((target && bad) ? kNaN : 0.0f);
+  out.numerator[row] = target ? (bad ? kNaN : numerator) : 0.0f;
+  out.norm_sq[row] = target ? (bad ? kNaN : delta_k_sq) : 0.0f;
 }
 
 }  // namespace svd_fast

@@ -31,7 +31,7 @@ TORCH_LIBRARY(svd_fast, m) {
       "int fill_mode, float fill_value, Tensor(a!) out) -> ()");
   m.def(
       "token_mu(Tensor z_adapted, Tensor z_base, Tensor labels, float log_alpha, float eps, "
-      "int ignore_index) -> (Tensor, Tensor)");
+      "int ignore_index) -> (Tensor mu_star, Tensor valid, Tensor numerator, Tensor norm_sq)");
   m.impl("steer_logits", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(steer_logits));
   m.def("has_cuda_kernels() -> bool", [] {
 #ifdef SVD_FAST_WITH_CUDA

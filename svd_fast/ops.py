@@ -243,13 +243,15 @@ def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=float("-inf"), out=None)
     return result if out is None else out.copy_(result)
 
 
-def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100):
+def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100, return_terms=False):
     """Per-position calibration strength mu* (SPEC 4), fused: no [N, V] temporaries.
 
     z_adapted, z_base: [..., V] teacher-forced logits; labels: [...] target token ids, ignore_index
     where a position is not a target. Returns (mu_star float32, valid bool), both shaped like labels.
     valid is False for ignored positions and where ||delta_K||^2 < eps (mu_star = 0 there) and for
-    rows with NaN (mu_star = NaN).
+    rows with NaN (mu_star = NaN). return_terms=True also returns mu*'s numerator
+    <onehot(label) - p_a, delta_K> and denominator ||delta_K||^2 (0 on ignored rows), for the
+    ratio-of-sums reduction.
     """
     _check_logits(z_adapted, z_base)
     _check_alpha(alpha)
@@ -261,9 +263,11 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100)
     _check_labels(labels, z_adapted, ignore_index)
     labels = labels.reshape(z_adapted.shape[:-1])
     if _use_native(z_adapted.device):
-        return torch.ops.svd_fast.token_mu(z_adapted, z_base, labels.to(torch.int64), math.log(alpha), float(eps),
-                                           int(ignore_index))
-    return reference.token_mu(z_adapted, z_base, labels, alpha, eps, ignore_index)
+        result = torch.ops.svd_fast.token_mu(z_adapted, z_base, labels.to(torch.int64), math.log(alpha), float(eps),
+                                             int(ignore_index))
+    else:
+        result = reference.token_mu(z_adapted, z_base, labels, alpha, eps, ignore_index)
+    return tuple(result) if return_terms else tuple(result[:2])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,5 +290,6 @@ if _NATIVE:
     @torch.library.register_fake("svd_fast::token_mu")
     def _token_mu_fake(z_adapted, z_base, labels, log_alpha, eps, ignore_index):
         rows_shape = z_adapted.shape[:-1]
-        return (z_adapted.new_empty(rows_shape, dtype=torch.float32),
-                z_adapted.new_empty(rows_shape, dtype=torch.bool))
+        f32 = dict(dtype=torch.float32)
+        return (z_adapted.new_empty(rows_shape, **f32), z_adapted.new_empty(rows_shape, dtype=torch.bool),
+                z_adapted.new_empty(rows_shape, **f32), z_adapted.new_empty(rows_shape, **f32))

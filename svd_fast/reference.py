@@ -60,8 +60,9 @@ def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=-INF):
 def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100):
     """Per-position mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4).
 
-    Returns (mu_star, valid) shaped like labels. Skipped positions (label == ignore_index, or
-    ||delta_K||^2 < eps) give mu_star = 0 and valid = False; rows with NaN give NaN and False.
+    Returns (mu_star, valid, numerator, norm_sq) shaped like labels. Skipped positions (label ==
+    ignore_index, or ||delta_K||^2 < eps) give mu_star = 0 and valid = False; rows with NaN give NaN and
+    False. numerator and norm_sq are mu*'s two terms: 0 on ignored rows, NaN on NaN rows.
     """
     vocab = z_adapted.shape[-1]
     za = z_adapted.float().reshape(-1, vocab)
@@ -76,5 +77,7 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100)
     valid = target & ~bad & (norm_sq >= eps)
     mu_star = torch.where(valid, numerator / (norm_sq + eps), 0.0)
     mu_star = torch.where(target & bad, float("nan"), mu_star)
+    numerator = torch.where(target, torch.where(bad, float("nan"), numerator), 0.0)
+    norm_sq = torch.where(target, torch.where(bad, float("nan"), norm_sq), 0.0)
     shape = z_adapted.shape[:-1]
-    return mu_star.reshape(shape), valid.reshape(shape)
+    return tuple(t.reshape(shape) for t in (mu_star, valid, numerator, norm_sq))

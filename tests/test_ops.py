@@ -45,11 +45,15 @@ def test_ops_match_reference(rows, vocab, dtype, device):
     assert z_hat.dtype == torch.float32 and z_hat.shape == za.shape
     assert_close(z_hat, reference.steer_logits(za, zb, 1.7, 0.1))
 
-    mu_star, valid = svd_fast.token_mu(za, zb, labels, alpha=0.1)
-    ref_mu, ref_valid = reference.token_mu(za, zb, labels, alpha=0.1)
-    assert mu_star.shape == valid.shape == labels.shape
+    mu_star, valid, numerator, norm_sq = svd_fast.token_mu(za, zb, labels, alpha=0.1, return_terms=True)
+    ref_mu, ref_valid, ref_numerator, ref_norm_sq = reference.token_mu(za, zb, labels, alpha=0.1)
+    assert mu_star.shape == valid.shape == numerator.shape == norm_sq.shape == labels.shape
     assert torch.equal(valid, ref_valid)
     torch.testing.assert_close(mu_star, ref_mu, rtol=1e-3, atol=1e-4)
+    for got, expected in ((numerator, ref_numerator), (norm_sq, ref_norm_sq)):  # as loose as mu* itself
+        scale = float(expected.abs().max()) if expected.numel() else 1.0
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
+    assert len(svd_fast.token_mu(za, zb, labels)) == 2
 
 
 @pytest.mark.parametrize("device", DEVICES)
