@@ -1,0 +1,72 @@
+"""Decode throughput, side by side in one run: (a) plain PEFT LoRA generate, (b) steering with two
+separate forwards, (c) steering with one forward (mixed-adapter batch of 2B rows).
+
+A random Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads, intermediate 1536,
+vocab 49152, tied embeddings) and LoRA r=8 on q, k, v, o; 64 new tokens, greedy, batch 1 and 8.
+
+    python -m pytest benchmarks/bench_decode.py --benchmark-json=benchmarks/results/decode-cpu.json
+    python benchmarks/report_decode.py benchmarks/results/decode-cpu.json
+"""
+import platform
+import time
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import svd_fast
+from svd_fast.steering import SteeredModel
+
+NEW_TOKENS = 64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(config).to(DEVICE).eval()
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      init_lora_weights=False, task_type="CAUSAL_LM")
+    return get_peft_model(base, lora).eval()
+
+
+def prompts(batch):
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, 49152, (batch, 16), generator=g)
+    return dict(input_ids=ids.to(DEVICE), attention_mask=torch.ones_like(ids).to(DEVICE))
+
+
+def machine():
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mode", ["plain_adapter", "two_forward", "one_forward"])
+def test_decode(benchmark, lora_model, mode, batch):
+    inputs = prompts(batch)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    if mode == "plain_adapter":
+        def run():
+            with torch.no_grad():
+                return lora_model.generate(**inputs, **settings)
+    else:
+        steered = SteeredModel(lora_model, mu=1.0, alpha=0.1, one_forward=(mode == "one_forward"))
+        def run():
+            return steered.generate(**inputs, **settings)
+    out = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
+    assert out.shape == (batch, 16 + NEW_TOKENS)
+    # The steering op's own cost on one step's logits, for its share of a step.
+    z = torch.randn(batch, 49152, device=DEVICE)
+    svd_fast.steer_logits(z, z, 1.0)
+    start = time.perf_counter()
+    for _ in range(20):
+        svd_fast.steer_logits(z, z, 1.0)
+    op_ms = (time.perf_counter() - start) / 20 * 1e3
+    benchmark.extra_info.update(mode=mode, batch=batch, new_tokens=NEW_TOKENS, device=DEVICE, machine=machine(),
+                                torch=torch.__version__, steer_op_ms=op_ms)

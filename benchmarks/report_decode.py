@@ -1,0 +1,33 @@
+"""Markdown table of a bench_decode.py run: `python benchmarks/report_decode.py results.json`."""
+import json
+import sys
+
+
+def main(path):
+    with open(path) as f:
+        data = json.load(f)
+    cells = {}
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        cells[(info["batch"], info["mode"])] = (bench["stats"]["median"], info)
+    info = next(iter(cells.values()))[1]
+    print(f"Decode throughput, {info['new_tokens']} new tokens, greedy; {info['machine']} ({info['device']}, "
+          f"torch {info['torch']}); median of the timed rounds, all cells from one run.\n")
+    print("| batch | (a) plain adapter tok/s | (b) two forwards tok/s | (c) one forward tok/s | (c) / (b) "
+          "| (c) / (a) | steer op share of a (c) step |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for batch in sorted({b for b, _ in cells}):
+        secs = {mode: cells[(batch, mode)][0] for mode in ("plain_adapter", "two_forward", "one_forward")
+                if (batch, mode) in cells}
+        tps = {mode: batch * info["new_tokens"] / s for mode, s in secs.items()}
+        step_ms = secs["one_forward"] / info["new_tokens"] * 1e3
+        share = cells[(batch, "one_forward")][1]["steer_op_ms"] / step_ms
+        print(f"| {batch} | {tps['plain_adapter']:.1f} | {tps['two_forward']:.1f} | {tps['one_forward']:.1f} "
+              f"| {tps['one_forward'] / tps['two_forward']:.2f}x | {tps['one_forward'] / tps['plain_adapter']:.2f}x "
+              f"| {share:.2%} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/report_decode.py RESULTS.json")
+    main(sys.argv[1])
