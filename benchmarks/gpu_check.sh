@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a CUDA machine: build the extension, run the whole test suite (CUDA cases included) and the op
-# benchmarks at V = 151936, and print a short table. Sized for under 8 minutes on one H100/H200.
+# benchmarks at V = 151936 and the decode benchmark, and print short tables. Sized for under 8 minutes on one H100/H200.
 #   bash benchmarks/gpu_check.sh            # writes benchmarks/results/ops-cuda.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +23,7 @@ $PY -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py -k "151936 or token
   --benchmark-min-rounds=20 --benchmark-max-time=0.2 --benchmark-json=benchmarks/results/ops-cuda.json \
   > /tmp/svd_fast_bench.log 2>&1 || { tail -40 /tmp/svd_fast_bench.log; exit 1; }
 $PY benchmarks/report.py benchmarks/results/ops-cuda.json
+$PY -m pytest -q -p no:cacheprovider benchmarks/bench_decode.py --benchmark-json=benchmarks/results/decode-cuda.json \
+  > /tmp/svd_fast_decode.log 2>&1 || { tail -40 /tmp/svd_fast_decode.log; exit 1; }
+$PY benchmarks/report_decode.py benchmarks/results/decode-cuda.json
 echo "== done ($(date +%T))"

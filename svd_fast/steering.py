@@ -149,6 +149,9 @@ class SteeredModel:
         return z_a, z_b, cache
 
     def steer(self, z_adapted, z_base):
+        if z_adapted.shape[-1] != z_base.shape[-1]:
+            raise ValueError(f"the adapter changes the vocabulary ({z_adapted.shape[-1]} tokens) from the base model's "
+                             f"({z_base.shape[-1]}): steering needs both distributions over the same tokens")
         return ops.steer_logits(z_adapted, z_base, self.mu, self.alpha, self.fill)
 
     @torch.no_grad()

@@ -234,3 +234,15 @@ def test_score_choices_matches_reference_log_likelihood():
             assert total[i, j].item() == pytest.approx(picked.sum().item(), rel=1e-4, abs=1e-4)
             assert mean[i, j].item() == pytest.approx(picked.mean().item(), rel=1e-4, abs=1e-4)
     assert torch.isnan(total[0, 2])
+
+
+def test_adapter_that_resized_the_vocabulary_is_refused():
+    base = tiny_model("llama")
+    config = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, config).eval()
+    wrapper = model.base_model.model.lm_head  # PEFT's ModulesToSaveWrapper: the adapter's own copy
+    old = wrapper.modules_to_save["default"]
+    wrapper.modules_to_save["default"] = torch.nn.Linear(old.in_features, old.out_features + 5, bias=False)
+    batch = char_tokenizer()(["abc"], return_tensors="pt")
+    with pytest.raises(ValueError, match="adapter changes the vocabulary"):
+        SteeredModel(model, mu=1.0, one_forward=False).generate(**batch, max_new_tokens=2)
