@@ -10,6 +10,7 @@ HuggingFace `generate` drives the decoding: `SteeredModel.generate` hands it a t
 forward returns steered logits, so greedy, sampling, beam search, logits processors, stopping criteria
 and streamers all work as usual.
 """
+import contextlib
 import copy
 import inspect
 import math
@@ -24,6 +25,7 @@ from .examples import ensure_pad_token
 # PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter.
 MIXED_BATCH_TUNERS = ("LORA", "LOHA", "LOKR")
 PROMPT_LEARNING_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
+VIRTUAL_TOKEN_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 BASE_ADAPTER = "__base__"
 
 
@@ -68,6 +70,44 @@ class _TwoCaches(DynamicCache):
         self.base.reorder_cache(beam_idx)
 
 
+class _PerRowIA3:
+    """IA3 on the adapter rows of a batch only. Inside `adapter_rows(n)` the IA3 layers run as their base
+    layer (adapters disabled) and hooks apply each layer's learned scaling to rows [0, n), exactly as
+    IA3's own forward does: to the input of feed-forward layers, to the output of the others."""
+
+    def __init__(self, peft_model, adapter):
+        from peft.tuners.ia3.layer import IA3Layer, Linear
+
+        self.layers = [m for m in peft_model.modules() if isinstance(m, IA3Layer)]
+        self.adapter = adapter
+        self.supported = bool(self.layers) and all(
+            isinstance(m, Linear) and not m.merged and adapter in m.ia3_l for m in self.layers)
+
+    @contextlib.contextmanager
+    def adapter_rows(self, n):
+        def scale_input(module, args, kwargs):
+            x, scale = args[0], module.ia3_l[self.adapter]
+            scaled = (x[:n].to(scale.dtype) * scale.flatten()).to(x.dtype)
+            return (torch.cat([scaled, x[n:]]), *args[1:]), kwargs
+
+        def scale_output(module, args, result):
+            scale = module.ia3_l[self.adapter]
+            return torch.cat([(result[:n] * scale.flatten()).to(result.dtype), result[n:]])
+
+        handles, disabled = [], [m._disable_adapters for m in self.layers]
+        try:
+            for m in self.layers:
+                m._disable_adapters = True
+                handles.append(m.register_forward_pre_hook(scale_input, with_kwargs=True) if m.is_feedforward
+                               else m.register_forward_hook(scale_output))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for m, flag in zip(self.layers, disabled):
+                m._disable_adapters = flag
+
+
 class SteeredModel:
     """A PEFT model that decodes with steered logits (SPEC 3).
 
@@ -75,8 +115,10 @@ class SteeredModel:
     out = steered.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
     logits = steered(input_ids, attention_mask=mask)        # steered logits at every position
 
-    one_forward: "auto" (mixed-adapter batches where the tuner supports them), True, or False
-    (always two forwards).
+    Both distributions come from one forward of 2B rows wherever the PEFT method allows (see `mode`);
+    one_forward=False forces two forwards (the base one under disable_adapter()).
+    Base rows behave as the plain base model on left-padded input (positions from the attention mask);
+    adapter rows as the PEFT model's own forward.
     """
 
     def __init__(self, peft_model, mu, alpha=0.1, fill=float("-inf"), adapter_name=None, one_forward="auto"):
@@ -91,24 +133,33 @@ class SteeredModel:
             ops._check_real("mu", mu)
             if not math.isfinite(mu):
                 raise ValueError(f"mu must be finite, got {mu}")
+        if one_forward not in ("auto", True, False):
+            raise ValueError(f"one_forward must be 'auto', True or False, got {one_forward!r}")
         self.model, self.adapter = peft_model, adapter
         self.mu, self.alpha, self.fill = mu, alpha, fill
         self.prompt_learning = self.peft_type in PROMPT_LEARNING_TUNERS
-        can_mix = self.peft_type in MIXED_BATCH_TUNERS and not getattr(self.peft_config, "use_dora", False)
-        if one_forward not in ("auto", True, False):
-            raise ValueError(f"one_forward must be 'auto', True or False, got {one_forward!r}")
-        if one_forward is True and not can_mix:
-            raise ValueError(f"{self.peft_type} adapters have no mixed-adapter batches in PEFT: use one_forward=False")
-        self.one_forward = can_mix if one_forward == "auto" else one_forward
+        self._ia3 = _PerRowIA3(peft_model, adapter) if self.peft_type == "IA3" else None
+        if self.peft_type in MIXED_BATCH_TUNERS and not getattr(self.peft_config, "use_dora", False):
+            one_route = "mixed"
+        elif self._ia3 is not None and self._ia3.supported:
+            one_route = "ia3"
+        elif self.peft_type in VIRTUAL_TOKEN_TUNERS:
+            one_route = "virtual"
+        else:
+            one_route = None
+        if one_forward is True and one_route is None:
+            raise ValueError(f"{self.peft_type} adapters have no one-forward path (PEFT has no mixed-adapter batches "
+                             "for them): use one_forward=False")
+        self.route = one_route if one_forward in ("auto", True) and one_route else "two"
         self._cache_kwarg = _cache_kwarg(peft_model.get_base_model())
         self._lm = None
 
     @property
     def mode(self):
-        """How the two distributions are computed: one forward, two forwards, or two without a cache."""
-        if self.one_forward:
-            return "one-forward"
-        return "two-forward (no cache)" if self.prompt_learning else "two-forward"
+        """How the two distributions are computed."""
+        return {"mixed": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
+                "virtual": "one-forward (virtual tokens on adapter rows)"}.get(
+            self.route, "two-forward (no cache)" if self.prompt_learning else "two-forward")
 
     # ---------------------------------------------------------------------------------------------
     # Both models' logits.
@@ -116,29 +167,35 @@ class SteeredModel:
     def logits_pair(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=None):
         """(z_adapted, z_base, cache): both models' logits on the same context, [B, T, V] each.
 
-        attention_mask covers the cached tokens and the new ones (or is None: no padding)."""
+        attention_mask covers the cached tokens and the new ones (None: no padding); position_ids are
+        the base rows' (default: from the attention mask, as HF generate computes them)."""
         extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-        n = input_ids.shape[0]
-        if self.prompt_learning:  # PEFT adds the virtual tokens itself; positions follow its own rule
+        n, length = input_ids.shape
+        if attention_mask is None:
+            past = cache.get_seq_length() - self._virtual_tokens_in(cache) if cache is not None else 0
+            attention_mask = torch.ones(n, past + length, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = _positions(attention_mask)[:, -length:]
+        if self.route == "virtual":
+            return self._virtual_token_pair(input_ids, attention_mask, cache, extra)
+        if self.route == "two" and self.prompt_learning:  # PEFT adds the virtual tokens on full forwards only
             z_a = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
             with self.model.disable_adapter():
-                z_b = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+                z_b = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 **extra).logits
             return z_a[:, -z_b.shape[1]:], z_b, None
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = _positions(attention_mask)[:, -input_ids.shape[1]:]
-            else:
-                past = cache.get_seq_length() if cache is not None else 0
-                position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).expand(n, -1)
-        if self.one_forward:
+        if self.route in ("mixed", "ia3"):
             if cache is None:
                 cache = _PairedCache()
-            out = self.model(input_ids=torch.cat([input_ids, input_ids]),
-                             attention_mask=None if attention_mask is None else torch.cat([attention_mask] * 2),
-                             position_ids=torch.cat([position_ids, position_ids]),
-                             adapter_names=[self.adapter] * n + [BASE_ADAPTER] * n, use_cache=True,
-                             **{self._cache_kwarg: cache}, **extra)
-            return out.logits[:n], out.logits[n:], cache
+            kwargs = dict(input_ids=torch.cat([input_ids, input_ids]), attention_mask=torch.cat([attention_mask] * 2),
+                          position_ids=torch.cat([position_ids, position_ids]), use_cache=True,
+                          **{self._cache_kwarg: cache}, **extra)
+            if self.route == "mixed":
+                logits = self.model(**kwargs, adapter_names=[self.adapter] * n + [BASE_ADAPTER] * n).logits
+            else:
+                with self._ia3.adapter_rows(n):
+                    logits = self.model(**kwargs).logits
+            return logits[:n], logits[n:], cache
         if cache is None:
             cache = _TwoCaches()
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
@@ -147,6 +204,42 @@ class SteeredModel:
         with self.model.disable_adapter():
             z_b = self.model(**kwargs, **{self._cache_kwarg: cache.base}).logits
         return z_a, z_b, cache
+
+    def _virtual_tokens_in(self, cache):
+        """Cached positions that are virtual tokens rather than real ones."""
+        return self.peft_config.num_virtual_tokens if self.route == "virtual" and cache is not None else 0
+
+    def _virtual_token_pair(self, input_ids, attention_mask, cache, extra):
+        """Prompt tuning / P-tuning / prefix tuning in one forward of 2B rows. The adapter rows carry the
+        virtual tokens (prompt embeddings, or the prefix keys and values) as PEFT's forward does, with
+        PEFT's positions (counted from the first virtual token). The base rows carry the same number of
+        masked-out positions, so their real tokens see exactly what the plain base model would."""
+        n, length = input_ids.shape
+        virtual = self.peft_config.num_virtual_tokens
+        base = self.model.get_base_model()
+        embeds = base.get_input_embeddings()(input_ids)
+        inputs_embeds = torch.cat([embeds, embeds])
+        if cache is None:
+            if self.peft_type == "PREFIX_TUNING":
+                cache = self.model.get_prompt(batch_size=2 * n)  # a DynamicCache holding the prefix
+                cache.__class__ = _PairedCache
+            else:
+                prompts = self.model.get_prompt(batch_size=n).to(embeds.dtype)
+                inputs_embeds = torch.cat([torch.cat([prompts, embeds], 1),
+                                           torch.cat([torch.zeros_like(prompts), embeds], 1)])
+                cache = _PairedCache()
+        ones = torch.ones(n, virtual, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask_adapted = torch.cat([ones, attention_mask], 1)
+        mask_base = torch.cat([torch.zeros_like(ones), attention_mask], 1)
+        width = inputs_embeds.shape[1]
+        past = cache.get_seq_length()
+        positions_adapted = torch.arange(past, past + width, device=input_ids.device).expand(n, -1)
+        positions_base = _positions(mask_base)[:, -width:]
+        out = base(inputs_embeds=inputs_embeds, attention_mask=torch.cat([mask_adapted, mask_base]),
+                   position_ids=torch.cat([positions_adapted, positions_base]), use_cache=True,
+                   **{self._cache_kwarg: cache}, **extra)
+        logits = out.logits[:, -length:]
+        return logits[:n], logits[n:], cache
 
     def steer(self, z_adapted, z_base):
         if z_adapted.shape[-1] != z_base.shape[-1]:
@@ -173,7 +266,7 @@ class SteeredModel:
                              "set tokenizer.padding_side = 'left'")
         if self._lm is None:
             self._lm = _SteeredCausalLM(self)
-        if self.prompt_learning:
+        if self.route == "two" and self.prompt_learning:
             kwargs.setdefault("use_cache", False)
         return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -32,7 +32,7 @@ def direct_mu_star(model, tok, examples, alpha):
         prompt = tok(ex["prompt"])["input_ids"]
         ids = torch.tensor([prompt + tok(ex["answer"], add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            z_a = model(input_ids=ids).logits[0]
+            z_a = model(input_ids=ids).logits[0, -ids.shape[1]:]  # prompt tuning returns virtual positions too
             with model.disable_adapter():
                 z_b = model(input_ids=ids).logits[0]
         positions = range(len(prompt) - 1, ids.shape[1] - 1)
@@ -42,7 +42,7 @@ def direct_mu_star(model, tok, examples, alpha):
     return torch.tensor(values, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2"])
 def test_calibration_matches_direct_per_position_computation(method):
     model, tok = adapted("llama", method), char_tokenizer()
     cal = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, batch_size=2, progress=False)

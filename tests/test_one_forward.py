@@ -1,0 +1,50 @@
+"""One forward of 2B rows for every PEFT method the paper uses: the base rows must give the plain base
+model's logits and the adapter rows the PEFT model's, at prefill and across cached decode steps."""
+import pytest
+import torch
+
+from svd_fast.steering import SteeredModel
+
+from hf_models import char_tokenizer
+from test_steering import PROMPTS, adapted, full_recompute_pair, left_padded
+
+METHODS = ["lora", "ia3", "prompt", "ptuning_v2"]
+EXPECTED_MODE = {"lora": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
+                 "prompt": "one-forward (virtual tokens on adapter rows)",
+                 "ptuning_v2": "one-forward (virtual tokens on adapter rows)"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_rows_equal_base_and_peft_model_over_16_cached_steps(method, arch):
+    model = adapted(arch, method)
+    steered = SteeredModel(model, mu=1.0)
+    assert steered.mode == EXPECTED_MODE[method]
+    batch = left_padded(char_tokenizer(), PROMPTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z_a, z_b, cache = steered.logits_pair(ids, mask)
+        for step in range(17):
+            want_a, want_b = full_recompute_pair(model, ids, mask)
+            torch.testing.assert_close(z_a[:, -1], want_a, rtol=1e-4, atol=1e-4, msg=f"adapter rows, step {step}")
+            torch.testing.assert_close(z_b[:, -1], want_b, rtol=1e-4, atol=1e-4, msg=f"base rows, step {step}")
+            new = torch.randint(4, 99, (ids.shape[0], 1), generator=g)
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+            z_a, z_b, cache = steered.logits_pair(new, mask, cache=cache)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_greedy_and_beam_one_forward_equal_two_forwards(method, arch, batch_size):
+    model = adapted(arch, method)
+    prompts = (PROMPTS + ["x"])[:batch_size]
+    batch = left_padded(char_tokenizer(), prompts)
+    one = SteeredModel(model, mu=3.0, alpha=0.2)
+    two = SteeredModel(model, mu=3.0, alpha=0.2, one_forward=False)
+    assert one.mode.startswith("one-forward") and two.mode.startswith("two-forward")
+    for kwargs in (dict(do_sample=False), dict(num_beams=3, num_return_sequences=2, do_sample=False)):
+        a = one.generate(**batch, max_new_tokens=10, **kwargs)
+        b = two.generate(**batch, max_new_tokens=10, **kwargs)
+        assert a.tolist() == b.tolist(), kwargs
