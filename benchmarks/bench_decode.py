@@ -1,8 +1,9 @@
-"""Decode throughput, side by side in one run: (a) plain PEFT LoRA generate, (b) steering with two
-separate forwards, (c) steering with one forward (mixed-adapter batch of 2B rows).
+"""Decode throughput, side by side in one run: (a) plain PEFT generate with the adapter, (b) steering
+with two separate forwards, (c) steering with one forward of 2B rows; for each of the paper's PEFT
+methods with SPEC 5's settings (LoRA r=8 on q, k, v, o; IA3; prompt tuning; P-tuning v2).
 
 A random Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads, intermediate 1536,
-vocab 49152, tied embeddings) and LoRA r=8 on q, k, v, o; 64 new tokens, greedy, batch 1 and 8.
+vocab 49152, tied embeddings); 64 new tokens, greedy, batch 1 and 8.
 
     python -m pytest benchmarks/bench_decode.py --benchmark-json=benchmarks/results/decode-cpu.json
     python benchmarks/report_decode.py benchmarks/results/decode-cpu.json
@@ -12,26 +13,32 @@ import time
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import svd_fast
 from svd_fast.steering import SteeredModel
+from svd_fast.training import preset_config
 
 NEW_TOKENS = 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def lora_model():
+def base_model():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    base = LlamaForCausalLM(config).to(DEVICE).eval()
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                      init_lora_weights=False, task_type="CAUSAL_LM")
-    return get_peft_model(base, lora).eval()
+    return LlamaForCausalLM(config).to(DEVICE).eval()
+
+
+@pytest.fixture(scope="module", params=["lora", "ia3", "prompt", "ptuning_v2"])
+def peft_model(request, base_model):
+    model = get_peft_model(base_model, preset_config(request.param, base_model)).eval()
+    yield request.param, model
+    if not model.peft_config["default"].is_prompt_learning:
+        model.unload()  # the base model's layers back as they were (prompt learning never changed them)
 
 
 def prompts(batch):
@@ -48,7 +55,8 @@ def machine():
 
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("mode", ["plain_adapter", "two_forward", "one_forward"])
-def test_decode(benchmark, lora_model, mode, batch):
+def test_decode(benchmark, peft_model, mode, batch):
+    method, lora_model = peft_model
     inputs = prompts(batch)
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     if mode == "plain_adapter":
@@ -68,5 +76,5 @@ def test_decode(benchmark, lora_model, mode, batch):
     for _ in range(20):
         svd_fast.steer_logits(z, z, 1.0)
     op_ms = (time.perf_counter() - start) / 20 * 1e3
-    benchmark.extra_info.update(mode=mode, batch=batch, new_tokens=NEW_TOKENS, device=DEVICE, machine=machine(),
+    benchmark.extra_info.update(method=method, mode=mode, batch=batch, new_tokens=NEW_TOKENS, device=DEVICE, machine=machine(),
                                 torch=torch.__version__, steer_op_ms=op_ms)

@@ -9,20 +9,20 @@ def main(path):
     cells = {}
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        cells[(info["batch"], info["mode"])] = (bench["stats"]["median"], info)
+        cells[(info.get("method", "lora"), info["batch"], info["mode"])] = (bench["stats"]["median"], info)
     info = next(iter(cells.values()))[1]
     print(f"Decode throughput, {info['new_tokens']} new tokens, greedy; {info['machine']} ({info['device']}, "
           f"torch {info['torch']}); median of the timed rounds, all cells from one run.\n")
-    print("| batch | (a) plain adapter tok/s | (b) two forwards tok/s | (c) one forward tok/s | (c) / (b) "
+    print("| method | batch | (a) plain adapter tok/s | (b) two forwards tok/s | (c) one forward tok/s | (c) / (b) "
           "| (c) / (a) | steer op share of a (c) step |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for batch in sorted({b for b, _ in cells}):
-        secs = {mode: cells[(batch, mode)][0] for mode in ("plain_adapter", "two_forward", "one_forward")
-                if (batch, mode) in cells}
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    order = {"lora": 0, "ia3": 1, "prompt": 2, "ptuning_v2": 3}
+    for method, batch in sorted({(m, b) for m, b, _ in cells}, key=lambda k: (order.get(k[0], 9), k[1])):
+        secs = {mode: cells[(method, batch, mode)][0] for mode in ("plain_adapter", "two_forward", "one_forward")}
         tps = {mode: batch * info["new_tokens"] / s for mode, s in secs.items()}
         step_ms = secs["one_forward"] / info["new_tokens"] * 1e3
-        share = cells[(batch, "one_forward")][1]["steer_op_ms"] / step_ms
-        print(f"| {batch} | {tps['plain_adapter']:.1f} | {tps['two_forward']:.1f} | {tps['one_forward']:.1f} "
+        share = cells[(method, batch, "one_forward")][1]["steer_op_ms"] / step_ms
+        print(f"| {method} | {batch} | {tps['plain_adapter']:.1f} | {tps['two_forward']:.1f} | {tps['one_forward']:.1f} "
               f"| {tps['one_forward'] / tps['two_forward']:.2f}x | {tps['one_forward'] / tps['plain_adapter']:.2f}x "
               f"| {share:.2%} |")
 

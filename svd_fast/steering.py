@@ -1,10 +1,10 @@
 """Steered decoding for HuggingFace + PEFT models (SPEC 3 and 6).
 
-Every step needs the adapted and the base model's logits on the same context. For LoRA-family
-adapters both come from ONE batched forward: each row runs twice, once with the adapter and once as
-"__base__" (PEFT mixed-adapter batches), with one KV cache of 2B rows. Other PEFT methods take two
-forwards (the base one under `disable_adapter()`), with two caches, or none for prompt-learning
-methods, whose virtual tokens PEFT only handles on a full forward.
+Every step needs the adapted and the base model's logits on the same context. Both come from ONE
+batched forward of 2B rows, each row once with the adapter and once without, with one KV cache of 2B
+rows: through PEFT's mixed-adapter batches for LoRA-family adapters, per-row scaling hooks for IA3, and
+virtual tokens on the adapter rows only for prompt and prefix tuning. Anything else (or
+one_forward=False) takes two forwards, the base one under `disable_adapter()`.
 
 HuggingFace `generate` drives the decoding: `SteeredModel.generate` hands it a thin causal-LM whose
 forward returns steered logits, so greedy, sampling, beam search, logits processors, stopping criteria
@@ -49,7 +49,7 @@ def _positions(attention_mask):
 
 
 class _PairedCache(DynamicCache):
-    """The KV cache of a mixed batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both."""
+    """The KV cache of a 2B-row batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both."""
 
     def reorder_cache(self, beam_idx):
         super().reorder_cache(torch.cat([beam_idx, beam_idx + beam_idx.numel()]))
