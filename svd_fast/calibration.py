@@ -114,9 +114,13 @@ def fingerprint(examples):
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _gather(tensors):
     """Concatenates each rank's 1-D tensors in rank order (identity without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return tensors
     world = torch.distributed.get_world_size()
     gathered = [None] * world
@@ -139,9 +143,7 @@ def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", b
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     steered = SteeredModel(peft_model, mu=0.0, alpha=alpha, fill=fill, adapter_name=adapter_name)
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
     shard = examples[rank::world]
     device = peft_model.get_base_model().device
     was_training = peft_model.training

@@ -148,12 +148,11 @@ def cmd_calibrate(args):
 
 
 def cmd_generate(args):
+    from .examples import ensure_pad_token
     from .steering import SteeredModel
 
     peft_model, tokenizer = _load_adapted(args.model, args.adapter)
     mu, alpha, fill = _steering_settings(args)
-    from .examples import ensure_pad_token
-
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)

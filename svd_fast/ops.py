@@ -149,10 +149,15 @@ def _mu_args(mu, z_adapted):
         if mu.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(mu).all()):
             raise ValueError("mu must be finite: the tensor holds NaN or inf")
         return mu.reshape(-1).to(torch.float32).contiguous(), 0.0
+    return None, _check_mu_value(mu)
+
+
+def _check_mu_value(mu):
+    """A finite real mu, as a float."""
     _check_real("mu", mu)
     if not math.isfinite(mu):
         raise ValueError(f"mu must be finite, got {mu}")
-    return None, float(mu)
+    return float(mu)
 
 
 def _fill_args(fill):

@@ -20,7 +20,7 @@ from transformers import DynamicCache, GenerationMixin, LogitsProcessor, PreTrai
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
-from .examples import ensure_pad_token
+from .examples import collate, ensure_pad_token
 
 # PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter.
 MIXED_BATCH_TUNERS = ("LORA", "LOHA", "LOKR")
@@ -130,9 +130,7 @@ class SteeredModel:
         ops._check_alpha(alpha)
         ops._fill_args(fill)
         if not isinstance(mu, torch.Tensor):
-            ops._check_real("mu", mu)
-            if not math.isfinite(mu):
-                raise ValueError(f"mu must be finite, got {mu}")
+            ops._check_mu_value(mu)
         if one_forward not in ("auto", True, False):
             raise ValueError(f"one_forward must be 'auto', True or False, got {one_forward!r}")
         self.model, self.adapter = peft_model, adapter
@@ -241,11 +239,12 @@ class SteeredModel:
         logits = out.logits[:, -length:]
         return logits[:n], logits[n:], cache
 
-    def steer(self, z_adapted, z_base):
+    def steer(self, z_adapted, z_base, fill=None):
+        """Steered logits; `fill` overrides the model's fill for this call."""
         if z_adapted.shape[-1] != z_base.shape[-1]:
             raise ValueError(f"the adapter changes the vocabulary ({z_adapted.shape[-1]} tokens) from the base model's "
                              f"({z_base.shape[-1]}): steering needs both distributions over the same tokens")
-        return ops.steer_logits(z_adapted, z_base, self.mu, self.alpha, self.fill)
+        return ops.steer_logits(z_adapted, z_base, self.mu, self.alpha, self.fill if fill is None else fill)
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask=None):
@@ -301,14 +300,9 @@ class SteeredModel:
         device = self.model.get_base_model().device
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            length = max(len(r[2]) for r in chunk)
-            ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for k, (_, _, seq, _) in enumerate(chunk):
-                ids[k, : len(seq)] = torch.tensor(seq)
-                mask[k, : len(seq)] = 1
+            ids, mask = collate([seq for _, _, seq, _ in chunk], tokenizer.pad_token_id, "right")
             z_a, z_b, _ = self.logits_pair(ids.to(device), mask.to(device))
-            log_probs = ops.steer_logits(z_a, z_b, self.mu, self.alpha, fill).log_softmax(-1).cpu()
+            log_probs = self.steer(z_a, z_b, fill).log_softmax(-1).cpu()
             for k, (i, j, seq, first) in enumerate(chunk):
                 targets = torch.tensor(seq[first:])
                 picked = log_probs[k, first - 1 : len(seq) - 1].gather(-1, targets[:, None]).squeeze(-1)
