@@ -136,19 +136,31 @@ def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", b
     calib_examples: [{"prompt": str, "answer": str}, ...], disjoint from the warm-start data.
     Returns a CalibrationResult (mu_bar, counts, mean, median, std, quantiles, histogram, ...).
     """
+    return calibrate_sweep(peft_model, tokenizer, calib_examples, [alpha], reduce, batch_size, max_length, eps, trim,
+                           fill, adapter_name, progress)[alpha]
+
+
+@torch.no_grad()
+def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean", batch_size=8, max_length=512,
+                    eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True):
+    """calibrate() for several confidence masks from one teacher-forced pass: {alpha: CalibrationResult}."""
     examples = check_examples(calib_examples, "calib_examples")
-    ops._check_alpha(alpha)
+    alphas = list(alphas)
+    if not alphas:
+        raise ValueError("alphas is empty: give at least one alpha in (0, 1]")
+    for alpha in alphas:
+        ops._check_alpha(alpha)
     if reduce not in REDUCERS:
         raise ValueError(f"reduce must be one of {REDUCERS}, got {reduce!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    steered = SteeredModel(peft_model, mu=0.0, alpha=alpha, fill=fill, adapter_name=adapter_name)
+    steered = SteeredModel(peft_model, mu=0.0, alpha=alphas[0], fill=fill, adapter_name=adapter_name)
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
     shard = examples[rank::world]
     device = peft_model.get_base_model().device
     was_training = peft_model.training
     peft_model.eval()
-    values, numerators, norms = [], [], []
+    terms = {alpha: ([], [], []) for alpha in alphas}  # mu*, numerator, norm_sq of the valid positions
     n_targets = 0
     n_batches = math.ceil(len(shard) / batch_size)
     try:
@@ -156,30 +168,39 @@ def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", b
                                                  progress and rank == 0, "calibrating mu"):
             z_a, z_b, _ = steered.logits_pair(input_ids.to(device), mask.to(device))
             targets = labels[:, 1:].to(device)  # logits at t predict the token at t + 1
-            mu_star, valid, numerator, norm_sq = ops.token_mu(z_a[:, :-1], z_b[:, :-1], targets, alpha, eps,
-                                                              return_terms=True)
             n_targets += int((targets != -100).sum())
-            values.append(mu_star[valid].double().cpu())
-            numerators.append(numerator[valid].double().cpu())
-            norms.append(norm_sq[valid].double().cpu())
+            for alpha in alphas:
+                mu_star, valid, numerator, norm_sq = ops.token_mu(z_a[:, :-1], z_b[:, :-1], targets, alpha, eps,
+                                                                  return_terms=True)
+                for kept, value in zip(terms[alpha], (mu_star, numerator, norm_sq)):
+                    kept.append(value[valid].double().cpu())
     finally:
         peft_model.train(was_training)
-    empty = torch.zeros(0, dtype=torch.float64)
-    mu_star, numerator, norm_sq = _gather([torch.cat(values) if values else empty,
-                                          torch.cat(numerators) if numerators else empty,
-                                          torch.cat(norms) if norms else empty])
     n_targets = int(_gather([torch.tensor([n_targets])])[0].sum())
     if n_targets == 0:
         raise ValueError("the calibration examples have no answer tokens after tokenization (max_length too short?)")
-    if mu_star.numel() == 0:
-        raise ValueError(f"all {n_targets} answer positions were skipped: ||delta_K||^2 < eps={eps} everywhere, i.e. "
-                         "the adapted and base models agree on them (is the adapter trained, or alpha too strict?)")
+    config = peft_model.peft_config[steered.adapter]
+    empty = torch.zeros(0, dtype=torch.float64)
+    results = {}
+    for alpha in alphas:
+        mu_star, numerator, norm_sq = _gather([torch.cat(kept) if kept else empty for kept in terms[alpha]])
+        if mu_star.numel() == 0:
+            raise ValueError(f"all {n_targets} answer positions were skipped at alpha={alpha}: ||delta_K||^2 < eps={eps} "
+                             "everywhere, i.e. the adapted and base models agree on them (is the adapter trained, "
+                             "or alpha too strict?)")
+        results[alpha] = _summarise(mu_star, numerator, norm_sq, n_targets, alpha, reduce, trim, eps, fill)
+        results[alpha].base_model = getattr(config, "base_model_name_or_path", None)
+        results[alpha].adapter = steered.adapter
+        results[alpha].data_fingerprint = fingerprint(examples)
+    return results
+
+
+def _summarise(mu_star, numerator, norm_sq, n_targets, alpha, reduce, trim, eps, fill):
     reductions = {name: reduce_mu(mu_star, numerator, norm_sq, name, trim, eps) for name in REDUCERS}
     low, high = torch.quantile(mu_star, torch.tensor([0.01, 0.99], dtype=torch.float64)).tolist()
     if high <= low:
         low, high = low - 0.5, high + 0.5
     counts, edges = torch.histogram(mu_star.clamp(low, high), bins=20, range=(low, high))
-    config = peft_model.peft_config[steered.adapter]
     return CalibrationResult(
         mu_bar=reductions[reduce], reduce=reduce, alpha=alpha, fill=fill, n_tokens=int(mu_star.numel()),
         n_skipped=n_targets - int(mu_star.numel()), mean=float(mu_star.mean()), median=float(mu_star.median()),
@@ -187,5 +208,4 @@ def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", b
         quantiles={str(q): v for q, v in zip(QUANTILES, torch.quantile(
             mu_star, torch.tensor(QUANTILES, dtype=torch.float64)).tolist())},
         histogram={"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]},
-        reductions=reductions, trim=trim, base_model=getattr(config, "base_model_name_or_path", None),
-        adapter=steered.adapter, data_fingerprint=fingerprint(examples), values=mu_star)
+        reductions=reductions, trim=trim, values=mu_star)

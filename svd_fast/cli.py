@@ -4,6 +4,9 @@
     svd-fast calibrate  --model BASE_DIR --adapter ADAPTER_DIR --data calib.jsonl
     svd-fast generate   --model BASE_DIR --adapter ADAPTER_DIR --prompt "..." --compare
     svd-fast score      --model BASE_DIR --adapter ADAPTER_DIR --data mc.jsonl
+    svd-fast demo                                   # the README's main job on SmolLM2-135M
+    svd-fast eval --methods lora,ia3 --benchmarks arc_easy,truthfulqa --out runs/x
+    svd-fast prepare [model] [truthfulqa]           # once: convert the default model, fetch TruthfulQA
 
 Data files are JSON Lines (or one JSON list): {"prompt": ..., "answer": ...} for warm-start and
 calibrate, {"prompt": ..., "choices": [...], "answer": index} for score. Models load from local folders
@@ -199,6 +202,105 @@ def cmd_score(args):
         print(f"{name:8s} mu={model_mu:<8.4g} accuracy {accuracy:.3f} on {len(answers)} questions")
 
 
+def _csv(choices, what):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        unknown = [t for t in items if t not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {','.join(unknown) or text!r}: choose from "
+                                             f"{','.join(choices)}")
+        return items
+    return parse
+
+
+def cmd_prepare(args):
+    from . import data, models
+
+    for what in args.what:
+        if what == "model":
+            print(f"default model: {models.prepare_default_model()}")
+        else:
+            print(f"TruthfulQA: {data.prepare_truthfulqa()}")
+
+
+def _eval_jobs(args):
+    from . import data, evaluation
+
+    if args.preset == "matrix":
+        return evaluation.matrix_jobs()
+    jobs = []
+    commonsense = tuple(b for b in args.benchmarks if b in data.COMMONSENSE)
+    groups = [(b,) for b in commonsense] if args.per_benchmark else ([commonsense] if commonsense else [])
+    if data.TRUTHFULQA in args.benchmarks:
+        groups.append((data.TRUTHFULQA,))
+    for method in args.methods:
+        for epochs in args.epochs:
+            jobs += [evaluation.Job(method, epochs, group, group, lr=args.lr, batch_size=args.batch_size)
+                     for group in groups]
+    return jobs
+
+
+def _sizes(args):
+    from .evaluation import Sizes
+
+    return Sizes(train=args.train, calib=args.calib, test=args.test, tqa_train=args.tqa_train,
+                 tqa_calib=args.tqa_calib, tqa_test=args.tqa_test, seed=args.seed)
+
+
+def _run_eval(args, jobs, sizes):
+    from . import data, evaluation, models
+
+    try:
+        return evaluation.run(jobs, args.out, sizes, model=args.model, protocol=getattr(args, "protocol", "loglik"))
+    except (data.MissingDataError, models.MissingModelError) as err:
+        raise UserError(str(err)) from None
+
+
+def cmd_eval(args):
+    results = _run_eval(args, _eval_jobs(args), _sizes(args))
+    with open(f"{args.out}/results.md") as f:
+        print(f.read())
+    print(f"results: {args.out}/results.json, {args.out}/results.md, plots in {args.out}/plots ({len(results['cells'])} "
+          "cells)")
+
+
+def cmd_demo(args):
+    """The README's main job: LoRA warm start on ARC-Easy, calibration, held-out evaluation, one generation."""
+    import time
+
+    import torch
+
+    from . import data, evaluation
+    from .steering import SteeredModel
+
+    start = time.time()
+    job = evaluation.Job("lora", 1, ("arc_easy",), ("arc_easy",))
+    sizes = evaluation.Sizes(train=args.train, calib=args.calib, test=args.test, seed=args.seed)
+    results = _run_eval(args, [job], sizes)
+    cell = results["cells"][0]
+    s = cell["summary"]["acc"]
+    print(f"\nSmolLM2-135M-Instruct, LoRA warm start on {args.train} ARC-Easy questions, mu calibrated on {args.calib}, "
+          f"scored on {cell['n']} held-out questions (length-normalised log-likelihood, fill=keep):")
+    for name in ("base", "adapter", "steered", "median", "ratio", "no_mask"):
+        lo, hi = s[name]["ci"]
+        print(f"  {name:8s} accuracy {100 * s[name]['mean']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]")
+    print(f"  steered - adapter: {100 * s['delta']['mean']:+.1f} points, paired test p = {s['p']:.3f} "
+          f"(mu_bar = {cell['mu_bar']:+.3f})")
+    # One question, decoded greedily by the adapter and with steering (the -inf mask acting).
+    peft_model, tokenizer, _ = evaluation.load_job(args.out, job, args.model)
+    question = data.split(data.load_benchmark("arc_easy"), args.train, args.calib, args.test, args.seed).test[0]
+    batch = tokenizer(question.prompt, return_tensors="pt")
+    with torch.no_grad():
+        plain = peft_model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    steered = SteeredModel(peft_model, mu=cell["mu_bar"], alpha=0.1).generate(
+        **batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    print(f"\n{question.prompt}\n  (correct: {question.options[question.label]})")
+    print(f"  adapter: {tokenizer.decode(plain[0, width:], skip_special_tokens=True).strip()}")
+    print(f"  steered: {tokenizer.decode(steered[0, width:], skip_special_tokens=True).strip()}")
+    print(f"\ntables: {args.out}/results.md; plots: {args.out}/plots/; done in {time.time() - start:.0f} s")
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -254,6 +356,43 @@ def build_parser():
                            help='masked tokens when scoring (default keep: under -inf choices tie at -inf)')
             p.add_argument("--normalize", action="store_true", help="length-normalised log-likelihood")
             p.add_argument("--batch-size", type=_positive_int, default=8)
+    from .data import BENCHMARKS, COMMONSENSE
+    from .models import DEFAULT_MODEL
+    from .training import METHODS
+
+    p = sub.add_parser("prepare", help="convert the default model and fetch TruthfulQA into the cache, once")
+    p.add_argument("what", nargs="*", default=["model", "truthfulqa"], choices=["model", "truthfulqa"])
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("eval", help="warm-started adapter vs + steering on the benchmarks (resumable)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF folder, or {DEFAULT_MODEL} (default)")
+    p.add_argument("--methods", type=_csv(METHODS, "method"), default=["lora"], help="comma-separated")
+    p.add_argument("--benchmarks", type=_csv(BENCHMARKS, "benchmark"), default=list(COMMONSENSE),
+                   help="comma-separated (default: the eight commonsense sets)")
+    p.add_argument("--per-benchmark", action="store_true",
+                   help="one adapter per commonsense set instead of one on their merged train splits")
+    p.add_argument("--preset", choices=["matrix"], help="matrix: the committed matrix (ignores the job options)")
+    p.add_argument("--epochs", type=_positive_int, nargs="+", default=[1])
+    p.add_argument("--lr", type=_finite, help="warm-start learning rate (default: per method, see README)")
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--protocol", choices=["loglik", "generate"], default="loglik",
+                   help="loglik: option log-likelihood; generate: greedy answer parsed to an option")
+    p.add_argument("--out", required=True, help="run folder; a rerun skips its finished cells")
+    sizes = p.add_argument_group("split sizes (questions per benchmark; disjoint, seeded)")
+    for name, default in (("train", 40), ("calib", 16), ("test", 60), ("tqa-train", 100), ("tqa-calib", 49),
+                          ("tqa-test", 150)):
+        sizes.add_argument(f"--{name}", type=int, default=default)
+    sizes.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("demo", help="the README's main job on the embedded default model")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", default="svd_fast_demo")
+    p.add_argument("--train", type=_positive_int, default=300)
+    p.add_argument("--calib", type=_positive_int, default=100)
+    p.add_argument("--test", type=_positive_int, default=170)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -52,7 +52,11 @@ class _PairedCache(DynamicCache):
     """The KV cache of a 2B-row batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both."""
 
     def reorder_cache(self, beam_idx):
-        super().reorder_cache(torch.cat([beam_idx, beam_idx + beam_idx.numel()]))
+        """beam_idx picks adapted rows; the base rows follow. It may also grow the batch (one prompt's cache
+        shared by several continuations)."""
+        filled = [layer.keys for layer in self.layers if getattr(layer, "keys", None) is not None]
+        half = filled[0].shape[0] // 2 if filled else beam_idx.numel()
+        super().reorder_cache(torch.cat([beam_idx, beam_idx + half]))
 
 
 class _TwoCaches(DynamicCache):

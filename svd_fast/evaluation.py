@@ -1,0 +1,419 @@
+"""The evaluation harness: warm-started adapter vs + steering, per benchmark, resumable.
+
+    jobs = [Job("lora", epochs=1, train_on=COMMONSENSE, eval_on=COMMONSENSE)]
+    results = run(jobs, out="runs/lora", sizes=Sizes(train=40, calib=16, test=60))
+
+A job warm-starts one adapter on the merged train splits of `train_on`, calibrates mu on their merged
+calibration splits (for every confidence mask of the sweep, from one pass), and evaluates every benchmark
+of `eval_on` on its test split. One forward per question gives both distributions (adapter and base), so
+every variant (adapter, base, steered under each mu reducer, alpha and fixed mu, no mask) is scored from
+the same pass. Options of a question share the prompt's KV cache.
+
+Each finished stage is saved under `out` (adapters/<job>/, cells/<job>__<benchmark>.json) and skipped
+on a rerun with the same settings, so an interrupted run resumes where it stopped.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from . import data as datasets_
+from . import ops
+from .calibration import CalibrationResult, calibrate_sweep
+from .examples import collate, ensure_pad_token
+from .progress import progress_bar
+from .steering import SteeredModel
+
+ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
+NO_MASK_ALPHA = 1e-30  # keeps every token within 69 nats of the top; below that delta is 0 in float32 anyway
+FIXED_MU = (-1.0, 1.0, 3.0)
+# Warm-start learning rates per method (batch 4). LoRA's is the first probe's; IA3 and the prompt-learning
+# methods need larger steps, as in their papers and PEFT's examples.
+LEARNING_RATES = {"lora": 2e-4, "ia3": 3e-3, "prompt": 3e-2, "ptuning_v2": 1e-2}
+PROTOCOLS = ("loglik", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Questions per benchmark in each split (TruthfulQA has its own, it has only 299 questions)."""
+
+    train: int = 40
+    calib: int = 16
+    test: int = 60
+    tqa_train: int = 100
+    tqa_calib: int = 49
+    tqa_test: int = 150
+    seed: int = 0
+
+    def of(self, benchmark):
+        if benchmark == datasets_.TRUTHFULQA:
+            return self.tqa_train, self.tqa_calib, self.tqa_test
+        return self.train, self.calib, self.test
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    method: str
+    epochs: int = 1
+    train_on: tuple = datasets_.COMMONSENSE
+    eval_on: tuple = datasets_.COMMONSENSE
+    lr: float = None
+    batch_size: int = 4
+
+    @property
+    def name(self):
+        what = "commonsense" if set(self.train_on) == set(datasets_.COMMONSENSE) else "+".join(self.train_on)
+        return f"{self.method}-{what}-e{self.epochs}"
+
+    @property
+    def learning_rate(self):
+        return self.lr if self.lr is not None else LEARNING_RATES[self.method]
+
+
+def matrix_jobs():
+    """Issue 4's matrix: four methods on the commonsense sets and on TruthfulQA; LoRA also for 2 and 3 epochs."""
+    jobs = []
+    for method in ("lora", "ia3", "prompt", "ptuning_v2"):
+        jobs.append(Job(method))
+        jobs.append(Job(method, train_on=(datasets_.TRUTHFULQA,), eval_on=(datasets_.TRUTHFULQA,)))
+    jobs += [Job("lora", epochs=e) for e in (2, 3)]
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring one question: both distributions at every option token, from one shared-prefix forward.
+
+
+def variants(calibrations):
+    """name -> (mu, alpha): what is scored besides the adapter and the base model."""
+    main = calibrations[ALPHAS[0]]
+    out = {"steered": (main.reductions["mean"], ALPHAS[0])}
+    for reducer in ("median", "trimmed", "ratio"):
+        out[reducer] = (main.reductions[reducer], ALPHAS[0])
+    for alpha in ALPHAS[1:]:
+        out[f"alpha={alpha}"] = (calibrations[alpha].reductions["mean"], alpha)
+    out["no_mask"] = (calibrations[NO_MASK_ALPHA].reductions["mean"], NO_MASK_ALPHA)
+    for mu in FIXED_MU:
+        out[f"mu={mu:+g}"] = (mu, ALPHAS[0])
+    return out
+
+
+@torch.no_grad()
+def option_logits(steered, tokenizer, prompt, options):
+    """(z_adapted, z_base, targets, lengths): logits predicting each option token, [sum of lengths, V]."""
+    device = steered.model.get_base_model().device
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+                  for o in options]
+    k = len(options)
+    ids = torch.tensor([prompt_ids], device=device)
+    za_prompt, zb_prompt, cache = steered.logits_pair(ids, logits_to_keep=1)
+    cont, cont_mask = collate(option_ids, tokenizer.pad_token_id, "right")
+    if cache is not None:  # every option continues the prompt's cache
+        cache.reorder_cache(torch.zeros(k, dtype=torch.long, device=device))
+        mask = torch.cat([torch.ones(k, len(prompt_ids), dtype=torch.long), cont_mask], 1).to(device)
+        z_a, z_b, _ = steered.logits_pair(cont.to(device), mask, cache=cache)
+        offset = 0
+    else:
+        full = torch.cat([ids.cpu().expand(k, -1), cont], 1)
+        mask = torch.cat([torch.ones(k, len(prompt_ids), dtype=torch.long), cont_mask], 1)
+        z_a, z_b, _ = steered.logits_pair(full.to(device), mask.to(device))
+        offset = len(prompt_ids)
+    rows_a, rows_b = [], []
+    for j, opt in enumerate(option_ids):
+        rows_a += [za_prompt[0, -1:], z_a[j, offset:offset + len(opt) - 1]]
+        rows_b += [zb_prompt[0, -1:], z_b[j, offset:offset + len(opt) - 1]]
+    targets = torch.tensor([t for opt in option_ids for t in opt], device=device)
+    return torch.cat(rows_a), torch.cat(rows_b), targets, [len(o) for o in option_ids]
+
+
+@torch.no_grad()
+def score_question(steered, tokenizer, question, scored):
+    """({variant: [summed log-probability of each option]}, option lengths in tokens) for 'adapter', 'base'
+    and the `scored` variants."""
+    z_a, z_b, targets, lengths = option_logits(steered, tokenizer, question.prompt, question.options)
+    segments = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device),
+                                       torch.tensor(lengths, device=targets.device))
+
+    def sums(logits):
+        picked = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1).double()
+        return torch.zeros(len(lengths), dtype=torch.float64, device=picked.device).index_add_(
+            0, segments, picked).tolist()
+
+    out = {"adapter": sums(z_a), "base": sums(z_b)}
+    for name, (mu, alpha) in scored.items():
+        out[name] = sums(ops.steer_logits(z_a, z_b, mu, alpha, "keep"))
+    return out, lengths
+
+
+def _normalise(text):
+    return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+
+def parse_choice(generated, options):
+    """The option a generated answer names (the longest option it starts with), or -1."""
+    text = _normalise(generated)
+    best, best_len = -1, 0
+    for i, option in enumerate(options):
+        norm = _normalise(option)
+        if norm and (text.startswith(norm) or (text and norm.startswith(text) and len(text) >= 3)) \
+                and len(norm) > best_len:
+            best, best_len = i, len(norm)
+    return best
+
+
+@torch.no_grad()
+def generate_choices(steered, tokenizer, questions, settings, batch_size=8):
+    """The paper's generation protocol: greedy answers after "the correct answer is", parsed to an option.
+    settings: {variant: (mu, alpha, fill)}. Returns {variant: [(parsed index, text), ...]}."""
+    device = steered.model.get_base_model().device
+    out = {name: [] for name in settings}
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(questions), batch_size):
+            chunk = questions[start:start + batch_size]
+            enc = tokenizer([q.prompt for q in chunk], return_tensors="pt", padding=True).to(device)
+            longest = max(len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for q in chunk
+                          for o in q.options)
+            for name, (mu, alpha, fill) in settings.items():
+                steered.mu, steered.alpha, steered.fill = mu, alpha, fill
+                seq = steered.generate(**enc, max_new_tokens=longest + 1, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+                texts = tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out[name] += [(parse_choice(t, q.options), t) for t, q in zip(texts, chunk)]
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and statistics.
+
+
+def question_metrics(question, option_sums, lengths):
+    """Per-question metrics from the options' summed log-probabilities.
+
+    Commonsense: acc (length-normalised log-likelihood argmax, per token). TruthfulQA (standard
+    definitions, summed log-probabilities): mc1 = the best answer beats every false one; mc2 = the
+    normalised probability mass of the true answers; mc3 = the fraction of true answers that beat every
+    false one."""
+    sums = np.asarray(option_sums, dtype=np.float64)
+    if question.benchmark == datasets_.TRUTHFULQA:
+        true, false = sums[:question.n_true], sums[question.n_true:]
+        top_false = false.max()
+        mass = np.exp(sums - sums.max())
+        return {"mc1": float(sums[question.label] > top_false), "mc2": float(mass[:question.n_true].sum() / mass.sum()),
+                "mc3": float((true > top_false).mean())}
+    return {"acc": float(int(np.argmax(sums / np.asarray(lengths))) == question.label)}
+
+
+def metric_names(benchmark):
+    return ("mc1", "mc2", "mc3") if benchmark == datasets_.TRUTHFULQA else ("acc",)
+
+
+def bootstrap_ci(values, draws=2000, seed=0):
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def paired_test(baseline, treated, draws=10000, seed=0):
+    """Two-sided sign-flip permutation test of mean(treated - baseline) = 0 (McNemar's test for 0/1 values)."""
+    diff = np.asarray(treated, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    diff = diff[diff != 0]
+    if len(diff) == 0:
+        return 1.0
+    observed = abs(diff.sum())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((-1.0, 1.0), size=(draws, len(diff)))
+    return float(((np.abs((signs * diff).sum(1)) >= observed - 1e-12).sum() + 1) / (draws + 1))
+
+
+def summarise_cell(per_question, benchmark, baseline="adapter", treated="steered"):
+    """{metric: {variant: {"mean", "ci"}, "delta": {...}, "p": ...}} for one benchmark."""
+    out = {}
+    for metric in metric_names(benchmark):
+        by_variant = {name: [q[name][metric] for q in per_question] for name in per_question[0]}
+        entry = {name: {"mean": float(np.mean(v)), "ci": bootstrap_ci(v)} for name, v in by_variant.items()}
+        if baseline in by_variant and treated in by_variant:
+            diff = np.asarray(by_variant[treated]) - np.asarray(by_variant[baseline])
+            entry["delta"] = {"mean": float(diff.mean()), "ci": bootstrap_ci(diff)}
+            entry["p"] = paired_test(by_variant[baseline], by_variant[treated])
+        out[metric] = entry
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running jobs.
+
+
+def _write_json(path, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)  # a cell is either complete or absent
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class _Questions:
+    """Loaded benchmarks and their splits, once per run."""
+
+    def __init__(self, sizes, cache=None):
+        self.sizes, self.cache, self._splits = sizes, cache, {}
+
+    def split(self, benchmark):
+        if benchmark not in self._splits:
+            questions = datasets_.load_benchmark(benchmark, self.cache)
+            train, calib, test = self.sizes.of(benchmark)
+            self._splits[benchmark] = datasets_.split(questions, train, calib, test, self.sizes.seed)
+        return self._splits[benchmark]
+
+
+def _settings_record(job, sizes, model, protocol):
+    record = {"job": dataclasses.asdict(job), "sizes": dataclasses.asdict(sizes), "model": model,
+              "protocol": protocol, "lr": job.learning_rate}
+    return json.loads(json.dumps(record))  # as it reads back from settings.json (tuples become lists)
+
+
+def _base(base_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(base_path, local_files_only=True))
+    model = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def load_job(out, job, model="smollm2-135m-instruct", cache=None):
+    """(peft_model, tokenizer, {alpha: CalibrationResult}) of a finished job of the run in `out`."""
+    import peft
+
+    from . import models
+
+    folder = os.path.join(out, "adapters", job.name)
+    calib_path = os.path.join(folder, "calibration.json")
+    if not os.path.exists(calib_path):
+        raise FileNotFoundError(f"{folder} holds no calibrated adapter: run the job first")
+    base, tokenizer = _base(models.resolve(model, cache, progress=False))
+    peft_model = peft.PeftModel.from_pretrained(base, folder).eval()
+    calibrations = {float(a): CalibrationResult(**{**c, "fill": float("-inf")}) for a, c in _read_json(calib_path).items()}
+    return peft_model, tokenizer, calibrations
+
+
+def _prepare_adapter(job, base_path, questions, folder, progress, log, out, model, cache):
+    """The job's warm-started and calibrated adapter: trained and saved, or loaded from `folder`."""
+    from .training import warm_start
+
+    if os.path.exists(os.path.join(folder, "calibration.json")):
+        log(f"[{job.name}] adapter and calibration found in {folder}: skipping warm start and calibration")
+        return load_job(out, job, model, cache)
+    base_model, tokenizer = _base(base_path)
+    calib_path = os.path.join(folder, "calibration.json")
+    train = [q.example() for b in job.train_on for q in questions.split(b).train]
+    calib = [q.example() for b in job.train_on for q in questions.split(b).calib]
+    log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
+        f"batch {job.batch_size}")
+    peft_model = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs, lr=job.learning_rate,
+                            batch_size=job.batch_size, seed=0, progress=progress)
+    log(f"[{job.name}] calibrating mu on {len(calib)} examples, alphas {list(ALPHAS)} and no mask")
+    calibrations = calibrate_sweep(peft_model, tokenizer, calib, ALPHAS + (NO_MASK_ALPHA,), progress=progress)
+    peft_model.save_pretrained(folder)
+    np.save(os.path.join(folder, "mu_star.npy"), calibrations[ALPHAS[0]].values.numpy())
+    _write_json(calib_path, {str(a): c.to_dict() for a, c in calibrations.items()})  # written last: marks done
+    return peft_model, tokenizer, calibrations
+
+
+def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="loglik", cache=None, progress=True,
+        log=None):
+    """Runs the jobs (skipping finished stages) and writes results.json, results.md and plots/ under `out`."""
+    from . import models
+    from .training import METHODS
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    for job in jobs:
+        if job.method not in METHODS:
+            raise ValueError(f"unknown method {job.method!r}: choose from {', '.join(METHODS)}")
+        for b in job.train_on + job.eval_on:
+            if b not in datasets_.BENCHMARKS:
+                raise ValueError(f"unknown benchmark {b!r}: choose from {', '.join(datasets_.BENCHMARKS)}")
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    base_path = models.resolve(model, cache, progress)
+    questions = _Questions(sizes, cache)
+    for job in jobs:  # load every split first: a missing package fails before hours of training
+        for b in set(job.train_on + job.eval_on):
+            questions.split(b)
+    cells = []
+    for job in jobs:
+        settings = _settings_record(job, sizes, model, protocol)
+        folder = os.path.join(out, "adapters", job.name)
+        settings_path = os.path.join(folder, "settings.json")
+        if os.path.exists(settings_path) and _read_json(settings_path) != settings:
+            raise ValueError(f"{folder} holds a run with other settings: use another --out, or delete it to redo it")
+        pending = [b for b in job.eval_on if not os.path.exists(_cell_path(out, job, b, protocol))]
+        if not pending:
+            log(f"[{job.name}] all {len(job.eval_on)} cells done: skipping")
+        else:
+            _write_json(settings_path, settings)
+            peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log,
+                                                                   out, model, cache)
+            for benchmark in pending:
+                _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log)
+            del peft_model
+        cells += [_read_json(_cell_path(out, job, b, protocol)) for b in job.eval_on]
+    results = {"sizes": dataclasses.asdict(sizes), "model": model, "protocol": protocol, "cells": cells,
+               "calibration": {job.name: _read_json(os.path.join(out, "adapters", job.name, "calibration.json"))
+                               for job in jobs}}
+    _write_json(os.path.join(out, "results.json"), results)
+    from .report import write_report
+
+    write_report(results, out)
+    return results
+
+
+def _cell_path(out, job, benchmark, protocol):
+    suffix = "" if protocol == "loglik" else f"__{protocol}"
+    return os.path.join(out, "cells", f"{job.name}__{benchmark}{suffix}.json")
+
+
+def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log):
+    test = questions.split(benchmark).test
+    scored = variants(calibrations)
+    steered = SteeredModel(peft_model, mu=0.0, alpha=ALPHAS[0], fill="keep")
+    mu_bar = scored["steered"][0]
+    log(f"[{job.name}] {benchmark}: {len(test)} test questions, mu_bar {mu_bar:+.3f} ({steered.mode})")
+    per_question = []
+    if protocol == "loglik":
+        for q in progress_bar(test, len(test), progress, f"{job.name} / {benchmark}", unit="q"):
+            sums, lengths = score_question(steered, tokenizer, q, scored)
+            per_question.append({name: question_metrics(q, s, lengths) for name, s in sums.items()})
+    else:
+        settings = {"adapter": (0.0, ALPHAS[0], "keep"), "steered": (mu_bar, ALPHAS[0], float("-inf")),
+                    "no_mask": (scored["no_mask"][0], NO_MASK_ALPHA, float("-inf"))}
+        answers = generate_choices(steered, tokenizer, test, settings)
+        for i, q in enumerate(test):
+            per_question.append({name: {"acc": float(answers[name][i][0] == q.label)} for name in settings})
+        generated = [{name: answers[name][i][1] for name in settings} for i in range(len(test))]
+    cell = {"job": job.name, "method": job.method, "epochs": job.epochs, "benchmark": benchmark,
+            "protocol": protocol, "n": len(test), "mu_bar": mu_bar, "mode": steered.mode,
+            "variants": {name: {"mu": mu, "alpha": alpha} for name, (mu, alpha) in scored.items()},
+            "summary": summarise_cell(per_question, benchmark), "per_question": per_question}
+    if protocol == "generate":
+        cell["generated"] = generated
+    _write_json(_cell_path(out, job, benchmark, protocol), cell)
+    s = cell["summary"]
+    line = ", ".join(f"{m} {s[m]['adapter']['mean']:.3f} -> {s[m]['steered']['mean']:.3f} (p={s[m]['p']:.2f})"
+                     for m in metric_names(benchmark))
+    log(f"[{job.name}] {benchmark}: {line}")

