@@ -235,7 +235,8 @@ def _eval_jobs(args):
         groups.append((data.TRUTHFULQA,))
     for method in args.methods:
         for epochs in args.epochs:
-            jobs += [evaluation.Job(method, epochs, group, group, lr=args.lr, batch_size=args.batch_size)
+            jobs += [evaluation.Job(method, epochs, group, group, lr=args.lr, batch_size=args.batch_size,
+                                    template=args.template or ("choices" if args.protocol == "generate" else "cloze"))
                      for group in groups]
     return jobs
 
@@ -295,9 +296,10 @@ def cmd_demo(args):
     steered = SteeredModel(peft_model, mu=cell["mu_bar"], alpha=0.1).generate(
         **batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     width = batch["input_ids"].shape[1]
-    print(f"\n{question.prompt}\n  (correct: {question.options[question.label]})")
-    print(f"  adapter: {tokenizer.decode(plain[0, width:], skip_special_tokens=True).strip()}")
-    print(f"  steered: {tokenizer.decode(steered[0, width:], skip_special_tokens=True).strip()}")
+    print(f"\n{question.prompt}   (correct: {question.options[question.label]})")
+    for name, tokens in (("adapter", plain), ("steered", steered)):
+        text = tokenizer.decode(tokens[0, width:], skip_special_tokens=True).strip()
+        print(f"  {name}: {text.splitlines()[0] if text else ''}")
     print(f"\ntables: {args.out}/results.md; plots: {args.out}/plots/; done in {time.time() - start:.0f} s")
 
 
@@ -377,9 +379,11 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=4)
     p.add_argument("--protocol", choices=["loglik", "generate"], default="loglik",
                    help="loglik: option log-likelihood; generate: greedy answer parsed to an option")
+    p.add_argument("--template", choices=["cloze", "choices"],
+                   help="commonsense prompts (default: cloze for loglik, choices for generate)")
     p.add_argument("--out", required=True, help="run folder; a rerun skips its finished cells")
     sizes = p.add_argument_group("split sizes (questions per benchmark; disjoint, seeded)")
-    for name, default in (("train", 40), ("calib", 16), ("test", 60), ("tqa-train", 100), ("tqa-calib", 49),
+    for name, default in (("train", 50), ("calib", 16), ("test", 60), ("tqa-train", 100), ("tqa-calib", 49),
                           ("tqa-test", 150)):
         sizes.add_argument(f"--{name}", type=int, default=default)
     sizes.add_argument("--seed", type=int, default=0)

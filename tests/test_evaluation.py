@@ -45,6 +45,8 @@ def test_rows_map_to_the_right_answer(name):
         assert len(q.prompt.split()) < data.BOOLQ_PASSAGE_WORDS + 20
     if name == "hellaswag":
         assert "[title]" not in q.prompt
+    cloze = data._to_question(name, ROWS[name], "cloze")
+    assert cloze.prompt.endswith("\nAnswer:") and cloze.options == q.options and cloze.label == q.label
 
 
 def _questions(n, benchmark="arc_easy", k=3):
@@ -189,7 +191,7 @@ def fake_world(tmp_path, monkeypatch):
                 for i in range(30)] for b in ("arc_easy", "piqa")}
     pool["truthfulqa"] = [data.Question("truthfulqa", f"Q: {i}?\nA:", ("yes", "no", "maybe"), 0, n_true=1)
                           for i in range(30)]
-    monkeypatch.setattr(data, "load_benchmark", lambda name, cache=None: pool[name])
+    monkeypatch.setattr(data, "load_benchmark", lambda name, cache=None, template="cloze": pool[name])
     calls = []
     real = evaluation.calibrate_sweep
     monkeypatch.setattr(evaluation, "calibrate_sweep", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -229,10 +231,15 @@ def test_generation_protocol(fake_world, tmp_path):
     base, _ = fake_world
     out = str(tmp_path / "gen")
     job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3)
+    with pytest.raises(ValueError, match="template='choices'"):
+        evaluation.run([job], out, SIZES, model=base, protocol="generate", progress=False, log=lambda m: None)
+    job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3, template="choices")
     results = evaluation.run([job], out, SIZES, model=base, protocol="generate", progress=False, log=lambda m: None)
     (cell,) = results["cells"]
-    assert cell["protocol"] == "generate" and len(cell["generated"]) == 5
+    assert cell["protocol"] == "generate" and cell["n"] == 5
     assert set(cell["summary"]["acc"]) >= {"adapter", "steered", "no_mask", "p"}
+    assert "generated" not in cell  # results.json holds summaries; the cell file the per-question data
+    cell = json.load(open(os.path.join(out, "cells", "lora-arc_easy-e1-choices__arc_easy__generate.json")))
     test = data.split(data.load_benchmark("arc_easy"), 6, 4, 5).test
     for q, texts, scores in zip(test, cell["generated"], cell["per_question"]):
         for name, text in texts.items():
@@ -247,3 +254,27 @@ def test_cli_eval_errors_are_one_line(tmp_path):
     assert done.returncode == 2 and "unknown method 'dora'" in done.stderr and len(done.stderr.splitlines()) == 1
     done = run("eval", "--model", str(tmp_path / "missing"), "--benchmarks", "arc_easy", "--out", str(tmp_path / "o"))
     assert done.returncode == 2 and "model folder not found" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_a_failing_job_keeps_the_others_and_is_retried(fake_world, tmp_path, monkeypatch):
+    base, _ = fake_world
+    out = str(tmp_path / "run")
+    jobs = [evaluation.Job("prompt", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3),
+            evaluation.Job("lora", train_on=("piqa",), eval_on=("piqa",), lr=1e-3)]
+    import svd_fast.training as training
+
+    real = training.warm_start
+
+    def diverging(model, tokenizer, train, method="lora", **kwargs):
+        if method == "prompt":
+            raise FloatingPointError("the loss became nan at epoch 1, step 1: lower lr (now 0.001)")
+        return real(model, tokenizer, train, method=method, **kwargs)
+
+    monkeypatch.setattr(training, "warm_start", diverging)
+    results = evaluation.run(jobs, out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert [c["job"] for c in results["cells"]] == ["lora-piqa-e1"]
+    assert "nan" in results["failed"]["prompt-arc_easy-e1"]
+    assert "prompt-arc_easy-e1 failed" in open(os.path.join(out, "results.md")).read()
+    monkeypatch.setattr(training, "warm_start", real)
+    results = evaluation.run(jobs, out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert [c["job"] for c in results["cells"]] == ["lora-piqa-e1", "prompt-arc_easy-e1"] and not results["failed"]
