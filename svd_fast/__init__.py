@@ -30,6 +30,7 @@ _HF_NAMES = {
     "SteeredModel": "steering",
     "SteeringLogitsProcessor": "steering",
     "calibrate": "calibration",
+    "calibrate_sweep": "calibration",
     "CalibrationResult": "calibration",
     "warm_start": "training",
 }

@@ -1,6 +1,5 @@
 """`python -m svd_fast`: check the compiled kernels against the reference on decode-shaped logits and
-time one steered step of each, side by side. (The end-to-end HuggingFace demo lands with the
-steered-decoding work; until then this is the package's self-check.)"""
+time one steered step of each, side by side. (The end-to-end demo on a real model is `svd-fast demo`.)"""
 import argparse
 import platform
 import sys
