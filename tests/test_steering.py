@@ -4,7 +4,6 @@ import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-import svd_fast
 from svd_fast import reference
 from svd_fast.steering import SteeredModel, SteeringLogitsProcessor
 
