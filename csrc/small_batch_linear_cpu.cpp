@@ -43,7 +43,6 @@ struct Problem {
 template <int kLanes>
 struct Lanes {
   typedef float F __attribute__((vector_size(4 * kLanes)));
-  typedef uint16_t U16 __attribute__((vector_size(2 * kLanes)));
   typedef uint32_t U32 __attribute__((vector_size(4 * kLanes)));
 };
 
@@ -54,13 +53,32 @@ SVD_INLINE typename Lanes<kLanes>::F load(const float* p) {
   return v;
 }
 
+// A step of the input dimension as kParts float vectors: kLanes fp32 weights, or 2 * kLanes bf16
+// weights split into the even and the odd elements. A bf16 is the top half of a float32, so that split
+// is a shift and a mask of 32-bit words (widening in order would take cross-lane shuffles); the
+// kernel lays out x to match (interleave_x).
+template <int kLanes, typename W>
+struct WeightStep;
+
 template <int kLanes>
-SVD_INLINE typename Lanes<kLanes>::F load(const c10::BFloat16* p) {
-  typename Lanes<kLanes>::U16 bits;
-  std::memcpy(&bits, p, sizeof bits);
-  // bf16 is the top half of a float32
-  return (typename Lanes<kLanes>::F)(__builtin_convertvector(bits, typename Lanes<kLanes>::U32) << 16);
-}
+struct WeightStep<kLanes, float> {
+  static constexpr int kParts = 1;
+  static SVD_INLINE void load_parts(const float* p, typename Lanes<kLanes>::F (&parts)[1]) {
+    parts[0] = load<kLanes>(p);
+  }
+};
+
+template <int kLanes>
+struct WeightStep<kLanes, c10::BFloat16> {
+  static constexpr int kParts = 2;
+  static SVD_INLINE void load_parts(const c10::BFloat16* p, typename Lanes<kLanes>::F (&parts)[2]) {
+    using F = typename Lanes<kLanes>::F;
+    typename Lanes<kLanes>::U32 words;
+    std::memcpy(&words, p, sizeof words);
+    parts[0] = (F)(words << 16);
+    parts[1] = (F)(words & 0xFFFF0000u);
+  }
+};
 
 template <int kLanes>
 SVD_INLINE float sum_lanes(typename Lanes<kLanes>::F v) {
@@ -75,24 +93,34 @@ SVD_INLINE float sum_lanes(typename Lanes<kLanes>::F v) {
 }
 
 // acc[m][t] += x[m, k_begin:k_end] . row_t[k_begin:k_end] for kGroup rows of x (row stride ldx) and
-// the tile's rows; k_end - k_begin is a multiple of kLanes.
+// the tile's rows; k_end - k_begin is a multiple of the step.
 template <int kLanes, int kGroup, typename W>
 SVD_INLINE void accumulate(const float* x, int64_t ldx, const W* const* tile, int64_t k_begin, int64_t k_end,
                            typename Lanes<kLanes>::F (*acc)[kTileRows]) {
   using F = typename Lanes<kLanes>::F;
+  using Step = WeightStep<kLanes, W>;
+  constexpr int kParts = Step::kParts;
   F sum[kGroup][kTileRows];
   for (int m = 0; m < kGroup; ++m)
     for (int t = 0; t < kTileRows; ++t) sum[m][t] = acc[m][t];
-  for (int64_t k = k_begin; k < k_end; k += kLanes) {
-    F xv[kGroup];
-    for (int m = 0; m < kGroup; ++m) xv[m] = load<kLanes>(x + m * ldx + k);
+  for (int64_t k = k_begin; k < k_end; k += kParts * kLanes) {
+    F xv[kGroup][kParts];
+    for (int m = 0; m < kGroup; ++m)
+      for (int part = 0; part < kParts; ++part) xv[m][part] = load<kLanes>(x + m * ldx + k + part * kLanes);
     for (int t = 0; t < kTileRows; ++t) {
-      const F wv = load<kLanes>(tile[t] + k);
-      for (int m = 0; m < kGroup; ++m) sum[m][t] += xv[m] * wv;
+      F wv[kParts];
+      Step::load_parts(tile[t] + k, wv);
+      for (int m = 0; m < kGroup; ++m)
+        for (int part = 0; part < kParts; ++part) sum[m][t] += xv[m][part] * wv[part];
     }
   }
   for (int m = 0; m < kGroup; ++m)
     for (int t = 0; t < kTileRows; ++t) acc[m][t] = sum[m][t];
+}
+
+template <int kLanes, typename W>
+constexpr int64_t step_elements() {
+  return WeightStep<kLanes, W>::kParts * kLanes;
 }
 
 template <int kLanes, typename W>
@@ -103,7 +131,7 @@ SVD_INLINE void linear_tiles(const Problem& p, int64_t tile_begin, int64_t tile_
   constexpr int kMaxGroup = kLanes == 16 ? 4 : 2;
   const W* weight = static_cast<const W*>(p.weight);
   W* y = static_cast<W*>(p.y);
-  const int64_t in_vectors = p.in - p.in % kLanes;
+  const int64_t in_steps = p.in - p.in % step_elements<kLanes, W>();
   F acc[kMaxRows][kTileRows];
   for (int64_t tile_index = tile_begin; tile_index < tile_end; ++tile_index) {
     const int64_t n0 = tile_index * kTileRows;
@@ -112,8 +140,8 @@ SVD_INLINE void linear_tiles(const Problem& p, int64_t tile_begin, int64_t tile_
     for (int t = 0; t < kTileRows; ++t) tile[t] = weight + std::min(n0 + t, p.out - 1) * p.in;  // last tile repeats its last row
     for (int64_t m = 0; m < p.rows; ++m)
       for (int t = 0; t < kTileRows; ++t) acc[m][t] = F{};
-    for (int64_t k0 = 0; k0 < in_vectors; k0 += kBlockK) {
-      const int64_t k1 = std::min(in_vectors, k0 + kBlockK);
+    for (int64_t k0 = 0; k0 < in_steps; k0 += kBlockK) {
+      const int64_t k1 = std::min(in_steps, k0 + kBlockK);
       for (int64_t m = 0; m < p.rows;) {
         const float* xm = p.x + m * p.in;
         if (p.rows - m >= kMaxGroup) {
@@ -132,7 +160,7 @@ SVD_INLINE void linear_tiles(const Problem& p, int64_t tile_begin, int64_t tile_
       const float* xm = p.x + m * p.in;
       for (int64_t t = 0; t < tile_rows; ++t) {
         float dot = sum_lanes<kLanes>(acc[m][t]);
-        for (int64_t k = in_vectors; k < p.in; ++k) dot += xm[k] * static_cast<float>(tile[t][k]);
+        for (int64_t k = in_steps; k < p.in; ++k) dot += xm[k] * static_cast<float>(tile[t][k]);
         if (p.bias) dot += p.bias[n0 + t];
         y[m * p.out + n0 + t] = static_cast<W>(dot);
       }
@@ -179,6 +207,22 @@ Isa detect_isa() {
   return std::min(best, cap);
 }
 
+// Matches WeightStep<lanes, BFloat16>: in every full step of 2 * lanes inputs of each row, the even
+// elements first, then the odd ones.
+void split_even_odd(float* x, int64_t rows, int64_t in, int lanes) {
+  const int64_t step = 2 * lanes;
+  float buf[32];
+  for (int64_t m = 0; m < rows; ++m) {
+    for (float* block = x + m * in; block + step <= x + (m + 1) * in; block += step) {
+      std::memcpy(buf, block, step * sizeof(float));
+      for (int j = 0; j < lanes; ++j) {
+        block[j] = buf[2 * j];
+        block[lanes + j] = buf[2 * j + 1];
+      }
+    }
+  }
+}
+
 Isa selected_isa() {
   static const Isa isa = detect_isa();
   return isa;
@@ -198,7 +242,9 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (rows < 1 || rows > kMaxRows) return at::linear(x, weight, bias);
 
   const int64_t in = weight.size(1), out = weight.size(0);
-  const at::Tensor x_f = x.reshape({rows, in}).to(at::kFloat).contiguous();
+  at::Tensor x_f = x.reshape({rows, in}).to(at::kFloat).contiguous();
+  const int lanes = selected_isa() == Isa::kAvx512 ? 16 : 8;
+  if (dtype == at::kBFloat16) split_even_odd(x_f.data_ptr<float>(), rows, in, lanes);  // x_f is a fresh copy
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   std::vector<int64_t> y_shape(leading.begin(), leading.end());
