@@ -1,8 +1,15 @@
 // Operator schemas of the svd_fast library. The CPU and CUDA implementations register themselves in
-// steering_cpu.cpp and steering_cuda.cu; the fake (shape) implementations live in svd_fast/ops.py.
+// steering_cpu.cpp, steering_cuda.cu and small_batch_linear_cpu.cpp; the fake (shape) implementations
+// live in svd_fast/ops.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <string>
+
+namespace svd_fast {
+std::string small_batch_linear_isa();  // small_batch_linear_cpu.cpp: "avx512", "avx2" or "none"
+}
 
 namespace {
 
@@ -33,6 +40,12 @@ TORCH_LIBRARY(svd_fast, m) {
       "token_mu(Tensor z_adapted, Tensor z_base, Tensor labels, float log_alpha, float eps, "
       "int ignore_index) -> (Tensor mu_star, Tensor valid, Tensor numerator, Tensor norm_sq)");
   m.impl("steer_logits", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(steer_logits));
+  // x [..., in] @ weight[out, in]^T + bias: a CPU kernel for <= 16 rows, at::linear everywhere else.
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.impl("small_batch_linear", c10::DispatchKey::CompositeExplicitAutograd,
+         TORCH_FN(static_cast<at::Tensor (*)(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>(
+             at::linear)));
+  m.def("small_batch_linear_isa() -> str", &svd_fast::small_batch_linear_isa);
   m.def("has_cuda_kernels() -> bool", [] {
 #ifdef SVD_FAST_WITH_CUDA
     return true;

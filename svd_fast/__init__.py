@@ -18,6 +18,7 @@ from .ops import (
     has_cuda_kernels,
     native_available,
     set_backend,
+    small_batch_linear,
     steer_logits,
     steering_vector,
     token_mu,

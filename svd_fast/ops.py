@@ -10,6 +10,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -17,6 +18,7 @@ __all__ = [
     "steering_vector",
     "steer_logits",
     "token_mu",
+    "small_batch_linear",
     "set_backend",
     "get_backend",
     "native_available",
@@ -25,6 +27,7 @@ __all__ = [
 
 _BACKENDS = ("auto", "native", "torch")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SMALL_BATCH_MAX_ROWS = 16  # kMaxRows in csrc/small_batch_linear_cpu.cpp
 _FILL_NEG_INF, _FILL_KEEP, _FILL_VALUE = 0, 1, 2  # FillMode in csrc/steering_math.h
 _REBUILD_HINT = "rebuild with `pip install --no-build-isolation .` (see README)"
 
@@ -275,6 +278,43 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100,
     return tuple(result) if return_terms else tuple(result[:2])
 
 
+def _check_linear_args(x, weight, bias):
+    for name, t in (("weight", weight), ("x", x), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but weight is {weight.dtype} on {weight.device}: "
+                            "x, weight and bias must share dtype and device (as in F.linear)")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must be [..., in] with in = weight.shape[1] = {weight.shape[1]}, got shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be [out] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+
+
+def small_batch_linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for decode steps: a CPU kernel for x with at most 16 rows (x.numel() /
+    in) that reads each weight once for all rows instead of once per row or two.
+
+    x [..., in], weight [out, in], bias [out] or None, all the same dtype and device, as F.linear
+    requires; returns [..., out] in that dtype. The kernel covers float32 and bfloat16 (accumulating
+    in float32, rounding once) on CPUs with AVX2 and FMA; other cases, and calls that need a gradient
+    (the op has no backward), run F.linear.
+    """
+    _check_linear_args(x, weight, bias)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
+    if _backend == "torch" or not _NATIVE or needs_grad or weight.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    return torch.ops.svd_fast.small_batch_linear(x, weight, bias)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shapes for torch.compile / meta tensors.
 
@@ -291,6 +331,10 @@ if _NATIVE:
     @torch.library.register_fake("svd_fast::steer_logits_out")
     def _steer_logits_out_fake(z_adapted, z_base, mu_rows, mu, log_alpha, fill_mode, fill_value, out):
         return None
+
+    @torch.library.register_fake("svd_fast::small_batch_linear")
+    def _small_batch_linear_fake(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
 
     @torch.library.register_fake("svd_fast::token_mu")
     def _token_mu_fake(z_adapted, z_base, labels, log_alpha, eps, ignore_index):

@@ -1,0 +1,63 @@
+"""Few-row linear layers on CPU, side by side in one run: stock F.linear vs svd_fast's small_batch_linear
+kernel (called as small_batch_linears() calls it) at M = 1, 2 and 8 rows, 2 threads.
+
+    python -m pytest benchmarks/bench_linear.py --benchmark-json=benchmarks/results/linear-cpu.json
+    python benchmarks/bench_linear.py benchmarks/results/linear-cpu.json     # the ratio table
+"""
+import json
+import platform
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import svd_fast  # noqa: F401  (registers torch.ops.svd_fast)
+
+THREADS = 2
+SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # [out, in]: SmolLM2-135M's MLP up, down and LM head
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("impl", ["stock", "kernel"])
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+def test_linear(benchmark, out_features, in_features, dtype, rows, impl):
+    torch.set_num_threads(THREADS)
+    g = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, in_features, generator=g).to(DTYPES[dtype])
+    x = torch.randn(rows, in_features, generator=g).to(DTYPES[dtype])
+    op = torch.ops.svd_fast.small_batch_linear
+    fn = (lambda: F.linear(x, w)) if impl == "stock" else (lambda: op(x, w, None))  # noqa: E731
+    benchmark.group = f"linear {out_features}x{in_features} {dtype}"
+    benchmark.extra_info.update(out=out_features, inp=in_features, dtype=dtype, rows=rows, impl=impl,
+                                isa=torch.ops.svd_fast.small_batch_linear_isa(), threads=torch.get_num_threads(),
+                                machine=platform.processor() or platform.machine(), torch=torch.__version__)
+    benchmark(fn)
+
+
+def report(path):
+    with open(path) as f:
+        data = json.load(f)
+    cells = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        cells[(info["out"], info["inp"], info["dtype"])][(info["impl"], info["rows"])] = bench["stats"]["median"] * 1e6
+    info = data["benchmarks"][0]["extra_info"]
+    print(f"Median latency in us, {info['machine']}, {info['threads']} threads, kernel ISA {info['isa']}, "
+          f"torch {info['torch']}; one run, side by side.\n")
+    print("| weight [out, in] | dtype | stock M=1 | stock M=2 | stock M=8 | kernel M=1 | kernel M=2 | kernel M=8 "
+          "| kernel M=2 / stock M=1 | kernel M=1 / stock M=1 | kernel M=8 / stock M=8 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (out_features, in_features, dtype), t in cells.items():
+        times = " | ".join(f"{t[(impl, rows)]:.1f}" for impl in ("stock", "kernel") for rows in (1, 2, 8))
+        ratios = " | ".join(f"{t[('kernel', a)] / t[('stock', b)]:.2f}" for a, b in ((2, 1), (1, 1), (8, 8)))
+        print(f"| {out_features} x {in_features} | {dtype} | {times} | {ratios} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/bench_linear.py RESULTS.json")
+    report(sys.argv[1])
