@@ -13,7 +13,6 @@ and streamers all work as usual.
 import contextlib
 import copy
 import inspect
-import math
 
 import torch
 from transformers import DynamicCache, GenerationMixin, LogitsProcessor, PreTrainedModel
@@ -122,10 +121,13 @@ class SteeredModel:
     Both distributions come from one forward of 2B rows wherever the PEFT method allows (see `mode`);
     one_forward=False forces two forwards (the base one under disable_adapter()).
     Base rows behave as the plain base model on left-padded input (positions from the attention mask);
-    adapter rows as the PEFT model's own forward.
+    adapter rows as the PEFT model's own forward. On the CPU, generate runs the frozen linear layers of
+    decode steps through the small-batch kernel (`svd_fast.cpu_decode`); cpu_linear_kernel=False turns
+    that off.
     """
 
-    def __init__(self, peft_model, mu, alpha=0.1, fill=float("-inf"), adapter_name=None, one_forward="auto"):
+    def __init__(self, peft_model, mu, alpha=0.1, fill=float("-inf"), adapter_name=None, one_forward="auto",
+                 cpu_linear_kernel=True):
         adapter = adapter_name or getattr(peft_model, "active_adapter", None)
         if not isinstance(adapter, str):
             raise ValueError("pass adapter_name=...: the model has no single active PEFT adapter")
@@ -155,6 +157,7 @@ class SteeredModel:
         self.route = one_route if one_forward in ("auto", True) and one_route else "two"
         self._cache_kwarg = _cache_kwarg(peft_model.get_base_model())
         self._lm = None
+        self.cpu_linear_kernel = bool(cpu_linear_kernel)
 
     @property
     def mode(self):
@@ -271,7 +274,17 @@ class SteeredModel:
             self._lm = _SteeredCausalLM(self)
         if self.route == "two" and self.prompt_learning:
             kwargs.setdefault("use_cache", False)
-        return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        with self._decode_linears():
+            return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _decode_linears(self):
+        """On the CPU, decode steps (few rows) run the frozen linear layers through the small-batch kernel,
+        which reads each weight once for all rows; prefill and large batches keep the stock path."""
+        if not self.cpu_linear_kernel or self.model.get_base_model().device.type != "cpu":
+            return contextlib.nullcontext()
+        from .cpu_decode import small_batch_linears
+
+        return small_batch_linears(self.model)
 
     # ---------------------------------------------------------------------------------------------
     # Multiple choice.

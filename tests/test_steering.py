@@ -253,3 +253,40 @@ def test_adapter_that_resized_the_vocabulary_is_refused():
     batch = char_tokenizer()(["abc"], return_tensors="pt")
     with pytest.raises(ValueError, match="adapter changes the vocabulary"):
         SteeredModel(model, mu=1.0, one_forward=False).generate(**batch, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_cpu_decode_steps_use_the_small_batch_kernel(method, monkeypatch):
+    """Decode steps (2B <= 16 rows) run the frozen linears through the kernel, prefill does not; the
+    switch turns it off; scores agree with the stock path and greedy tokens are identical."""
+    import svd_fast.cpu_decode as cpu_decode
+
+    model = adapted("llama", method)
+    tok = char_tokenizer()
+    batch = left_padded(tok, PROMPTS)
+    rows_seen = []
+    real = cpu_decode._small_batch_forward
+
+    def counting(linear, stock_forward, max_rows):
+        kernel_forward = real(linear, stock_forward, max_rows)
+
+        def forward(x):
+            rows_seen.append(x.numel() // x.shape[-1])
+            return kernel_forward(x)
+        return forward
+
+    monkeypatch.setattr(cpu_decode, "_small_batch_forward", counting)
+    settings = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with_kernel = SteeredModel(model, mu=4.0, alpha=0.3).generate(**batch, **settings)
+    decode_rows = [r for r in rows_seen if r <= 16]
+    assert decode_rows and max(rows_seen) > 16  # decode steps hit the kernel path, prefill the stock one
+    rows_seen.clear()
+    stock = SteeredModel(model, mu=4.0, alpha=0.3, cpu_linear_kernel=False).generate(**batch, **settings)
+    assert not rows_seen
+    assert with_kernel.sequences.tolist() == stock.sequences.tolist()
+    for a, b in zip(with_kernel.scores, stock.scores):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite)
+        torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=1e-4)
+    # the layers are back as they were
+    assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))

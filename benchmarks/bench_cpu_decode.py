@@ -1,0 +1,63 @@
+"""CPU decode throughput with and without the small-batch linear kernel (issue 6), side by side in one run,
+on the real SmolLM2-135M (the embedded default model) with a LoRA adapter (SPEC 5: r=8 on q, k, v, o):
+
+  plain_stock     PEFT's own generate, stock linear layers
+  plain_kernel    PEFT's own generate inside svd_fast.cpu_decode.small_batch_linears
+  steered_stock   SteeredModel (one forward of 2B rows), cpu_linear_kernel=False
+  steered_kernel  SteeredModel (one forward of 2B rows), cpu_linear_kernel=True (the default)
+
+64 new tokens, greedy, batch 1 and 8.
+
+    python -m pytest benchmarks/bench_cpu_decode.py --benchmark-json=benchmarks/results/cpu-decode.json
+    python benchmarks/report_cpu_decode.py benchmarks/results/cpu-decode.json
+"""
+import platform
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from svd_fast import models
+from svd_fast.cpu_decode import small_batch_linears
+from svd_fast.steering import SteeredModel
+from svd_fast.training import preset_config
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def lora_model():
+    model, _ = models.load()
+    torch.manual_seed(0)
+    config = preset_config("lora", model)
+    config.init_lora_weights = False  # a non-zero adapter, as after a warm start
+    return get_peft_model(model, config).eval()
+
+
+def prompts(batch):
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, 49152, (batch, 16), generator=g)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("mode", ["plain_stock", "plain_kernel", "steered_stock", "steered_kernel"])
+def test_cpu_decode(benchmark, lora_model, mode, batch):
+    inputs = prompts(batch)
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+    if mode.startswith("plain"):
+        def run():
+            with torch.no_grad():
+                if mode == "plain_kernel":
+                    with small_batch_linears(lora_model):
+                        return lora_model.generate(**inputs, **settings)
+                return lora_model.generate(**inputs, **settings)
+    else:
+        steered = SteeredModel(lora_model, mu=1.0, alpha=0.1, cpu_linear_kernel=(mode == "steered_kernel"))
+
+        def run():
+            return steered.generate(**inputs, **settings)
+    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    assert out.shape == (batch, 16 + NEW_TOKENS)
+    benchmark.extra_info.update(mode=mode, batch=batch, new_tokens=NEW_TOKENS, torch=torch.__version__,
+                                machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
