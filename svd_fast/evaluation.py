@@ -169,7 +169,7 @@ def parse_choice(generated, options):
 
 
 @torch.no_grad()
-def generate_choices(steered, tokenizer, questions, settings, batch_size=8):
+def generate_choices(steered, tokenizer, questions, settings, batch_size=8, progress=False, desc=None):
     """The paper's generation protocol: greedy answers after "the correct answer is", parsed to an option.
     settings: {variant: (mu, alpha, fill)}. Returns {variant: [(parsed index, text), ...]}."""
     device = steered.model.get_base_model().device
@@ -177,7 +177,8 @@ def generate_choices(steered, tokenizer, questions, settings, batch_size=8):
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(questions), batch_size):
+        starts = range(0, len(questions), batch_size)
+        for start in progress_bar(starts, len(starts), progress, desc, unit="batch"):
             chunk = questions[start:start + batch_size]
             enc = tokenizer([q.prompt for q in chunk], return_tensors="pt", padding=True).to(device)
             longest = max(len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for q in chunk
@@ -433,7 +434,8 @@ def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, que
     else:
         settings = {"adapter": (0.0, ALPHAS[0], "keep"), "steered": (mu_bar, ALPHAS[0], float("-inf")),
                     "no_mask": (scored["no_mask"][0], NO_MASK_ALPHA, float("-inf"))}
-        answers = generate_choices(steered, tokenizer, test, settings)
+        answers = generate_choices(steered, tokenizer, test, settings, progress=progress,
+                                   desc=f"{job.name} / {benchmark} (generate)")
         for i, q in enumerate(test):
             per_question.append({name: {"acc": float(answers[name][i][0] == q.label)} for name in settings})
         generated = [{name: answers[name][i][1] for name in settings} for i in range(len(test))]
