@@ -26,7 +26,7 @@ constexpr int64_t kMinTaskWeights = 1 << 15;  // weight elements worth a paralle
 enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
 
 struct Problem {
-  const float* x;  // [rows, in], contiguous
+  const float* x;      // [rows, in], contiguous
   const void* weight;  // [out, in], contiguous, float or BFloat16
   const float* bias;   // [out] or nullptr
   void* y;             // [rows, out], the weight's dtype
@@ -37,6 +37,9 @@ struct Problem {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define SVD_SMALL_LINEAR_VECTORS 1
 #define SVD_INLINE inline __attribute__((always_inline))
+#if !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed by value: always inlined, so no ABI to change
+#endif
 
 // GCC/Clang vector types. Every helper below is always inlined into the target("...") entry points,
 // where the compiler lowers the same source to AVX2 (8 lanes) or AVX-512 (16 lanes) instructions.
@@ -137,7 +140,9 @@ SVD_INLINE void linear_tiles(const Problem& p, int64_t tile_begin, int64_t tile_
     const int64_t n0 = tile_index * kTileRows;
     const int64_t tile_rows = std::min<int64_t>(kTileRows, p.out - n0);
     const W* tile[kTileRows];
-    for (int t = 0; t < kTileRows; ++t) tile[t] = weight + std::min(n0 + t, p.out - 1) * p.in;  // last tile repeats its last row
+    for (int t = 0; t < kTileRows; ++t) {
+      tile[t] = weight + std::min(n0 + t, p.out - 1) * p.in;  // a short last tile repeats its last row
+    }
     for (int64_t m = 0; m < p.rows; ++m)
       for (int t = 0; t < kTileRows; ++t) acc[m][t] = F{};
     for (int64_t k0 = 0; k0 < in_steps; k0 += kBlockK) {
@@ -176,7 +181,8 @@ __attribute__((target("avx2,fma"))) void linear_tiles_avx2(const Problem& p, int
   }
 }
 
-__attribute__((target("avx512f,avx2,fma"))) void linear_tiles_avx512(const Problem& p, int64_t begin, int64_t end) {
+__attribute__((target("avx512f,avx2,fma"))) void linear_tiles_avx512(const Problem& p, int64_t begin,
+                                                                      int64_t end) {
   if (p.bf16) {
     linear_tiles<16, c10::BFloat16>(p, begin, end);
   } else {
@@ -228,7 +234,8 @@ Isa selected_isa() {
   return isa;
 }
 
-at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias) {
   const auto dtype = weight.scalar_type();
   const bool kernel_fits =
       selected_isa() != Isa::kNone && (dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 &&
@@ -251,8 +258,9 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   y_shape.push_back(out);
   at::Tensor y = at::empty(y_shape, weight.options());
 #ifdef SVD_SMALL_LINEAR_VECTORS
-  const Problem p{x_f.const_data_ptr<float>(), weight.const_data_ptr(), bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr,
-                  y.data_ptr(), rows, in, out, dtype == at::kBFloat16};
+  const Problem p{x_f.const_data_ptr<float>(), weight.const_data_ptr(),
+                  bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr(), rows, in, out,
+                  dtype == at::kBFloat16};
   const auto run_tiles = selected_isa() == Isa::kAvx512 ? &linear_tiles_avx512 : &linear_tiles_avx2;
   const int64_t tiles = (out + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, kMinTaskWeights / (kTileRows * std::max<int64_t>(in, 1)));
