@@ -113,6 +113,11 @@ SVD_INLINE void accumulate(const float* x, int64_t ldx, const W* const* tile, in
     for (int t = 0; t < kTileRows; ++t) {
       F wv[kParts];
       Step::load_parts(tile[t] + k, wv);
+      if constexpr (kGroup > 1) {
+        // Pins the weights in registers: GCC would fold the load into each of the kGroup FMAs,
+        // multiplying the L1 loads of a loop that is bound by them.
+        for (int part = 0; part < kParts; ++part) asm("" : "+v"(wv[part]));
+      }
       for (int m = 0; m < kGroup; ++m)
         for (int part = 0; part < kParts; ++part) sum[m][t] += xv[m][part] * wv[part];
     }
