@@ -107,7 +107,7 @@ def test_python_face_checks_and_backends():
         (lambda: svd_fast.small_batch_linear(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
         (lambda: svd_fast.small_batch_linear(x, w.bfloat16()), TypeError, "must share dtype"),
         (lambda: svd_fast.small_batch_linear(x, w, b.double()), TypeError, "bias is torch.float64"),
-        (lambda: svd_fast.small_batch_linear(x.long(), w), TypeError, "floating-point"),
+        (lambda: svd_fast.small_batch_linear(x.long(), w.long()), TypeError, "weight must be a floating-point"),
         (lambda: svd_fast.small_batch_linear(x[:, :5], w), ValueError, r"x must be \[..., in\] with in = "),
         (lambda: svd_fast.small_batch_linear(x, w[0]), ValueError, r"weight must be \[out, in\]"),
         (lambda: svd_fast.small_batch_linear(x, w, b[:3]), ValueError, r"bias must be \[out\] = \[13\]"),
