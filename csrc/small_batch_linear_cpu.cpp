@@ -4,8 +4,8 @@
 // once and multiplied into all M rows of x while it sits in L1, the dot products living in vector
 // registers. fp32 or bf16 weights, x and y in the weight's dtype (as F.linear), fp32 accumulation.
 // The vector code is compiled for AVX2+FMA and for AVX-512 through target attributes, picked at run
-// time; anything else (more rows, other dtypes or devices, strided weights, CPUs without AVX2+FMA,
-// SVD_FAST_SMALL_LINEAR_ISA=none) runs at::linear.
+// time; anything else (more rows, bf16 with more than 4 rows on AMX CPUs, other dtypes or devices,
+// strided weights, CPUs without AVX2+FMA, SVD_FAST_SMALL_LINEAR_ISA=none) runs at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -113,6 +113,11 @@ SVD_INLINE void accumulate(const float* x, int64_t ldx, const W* const* tile, in
     for (int t = 0; t < kTileRows; ++t) {
       F wv[kParts];
       Step::load_parts(tile[t] + k, wv);
+      if constexpr (kGroup > 1) {
+        // Pins the weights in registers: GCC would fold the load into each of the kGroup FMAs,
+        // multiplying the L1 loads of a loop that is bound by them.
+        for (int part = 0; part < kParts; ++part) asm("" : "+v"(wv[part]));
+      }
       for (int m = 0; m < kGroup; ++m)
         for (int part = 0; part < kParts; ++part) sum[m][t] += xv[m][part] * wv[part];
     }
@@ -191,16 +196,31 @@ __attribute__((target("avx512f,avx2,fma"))) void linear_tiles_avx512(const Probl
 }
 #endif
 
-Isa detect_isa() {
+struct CpuChoice {
+  Isa isa;
+  // bf16 with more rows than this runs at::linear: on CPUs with AMX, oneDNN's AMX GEMM beats the FMA
+  // kernel from 5-6 rows on (measured on Sapphire/Emerald Rapids); kMaxRows elsewhere.
+  int64_t max_bf16_rows;
+};
+
+CpuChoice detect_cpu() {
   Isa best = Isa::kNone;
+  bool amx_bf16 = false;
 #ifdef SVD_SMALL_LINEAR_VECTORS
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     best = __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
   }
+#if !defined(__clang__)  // not a name every clang knows
+  amx_bf16 = __builtin_cpu_supports("amx-bf16");
 #endif
-  const char* forced = std::getenv("SVD_FAST_SMALL_LINEAR_ISA");  // caps the choice, for tests
-  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) return best;
+#endif
+  // SVD_FAST_SMALL_LINEAR_ISA (for tests and benchmarks): avx512 or avx2 caps the ISA and runs the
+  // kernel for every row count it takes; none always runs at::linear.
+  const char* forced = std::getenv("SVD_FAST_SMALL_LINEAR_ISA");
+  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) {
+    return {best, amx_bf16 ? 4 : kMaxRows};
+  }
   Isa cap = Isa::kNone;
   if (std::strcmp(forced, "avx512") == 0) {
     cap = Isa::kAvx512;
@@ -210,8 +230,15 @@ Isa detect_isa() {
     TORCH_CHECK(std::strcmp(forced, "none") == 0,
                 "svd_fast: SVD_FAST_SMALL_LINEAR_ISA must be auto, avx512, avx2 or none, got '", forced, "'");
   }
-  return std::min(best, cap);
+  return {std::min(best, cap), kMaxRows};
 }
+
+const CpuChoice& cpu_choice() {
+  static const CpuChoice choice = detect_cpu();
+  return choice;
+}
+
+Isa selected_isa() { return cpu_choice().isa; }
 
 // Matches WeightStep<lanes, BFloat16>: in every full step of 2 * lanes inputs of each row, the even
 // elements first, then the odd ones.
@@ -229,11 +256,6 @@ void split_even_odd(float* x, int64_t rows, int64_t in, int lanes) {
   }
 }
 
-Isa selected_isa() {
-  static const Isa isa = detect_isa();
-  return isa;
-}
-
 at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias) {
   const auto dtype = weight.scalar_type();
@@ -246,7 +268,8 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (!kernel_fits) return at::linear(x, weight, bias);
   const auto leading = x.sizes().slice(0, x.dim() - 1);
   const int64_t rows = c10::multiply_integers(leading);
-  if (rows < 1 || rows > kMaxRows) return at::linear(x, weight, bias);
+  const int64_t max_rows = dtype == at::kBFloat16 ? cpu_choice().max_bf16_rows : kMaxRows;
+  if (rows < 1 || rows > max_rows) return at::linear(x, weight, bias);
 
   const int64_t in = weight.size(1), out = weight.size(0);
   at::Tensor x_f = x.reshape({rows, in}).to(at::kFloat).contiguous();

@@ -279,22 +279,23 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100,
 
 
 def _check_linear_args(x, weight, bias):
-    for name, t in (("weight", weight), ("x", x), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
+    named = (("weight", weight), ("x", x)) if bias is None else (("weight", weight), ("x", x), ("bias", bias))
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != weight.dtype or t.device != weight.device:
-            raise TypeError(f"{name} is {t.dtype} on {t.device} but weight is {weight.dtype} on {weight.device}: "
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    dtype, device = weight.dtype, weight.device
+    for name, t in named[1:]:
+        if t.dtype != dtype or t.device != device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but weight is {dtype} on {device}: "
                             "x, weight and bias must share dtype and device (as in F.linear)")
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
     if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x must be [..., in] with in = weight.shape[1] = {weight.shape[1]}, got shape "
                          f"{tuple(x.shape)}")
-    if bias is not None and bias.shape != (weight.shape[0],):
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must be [out] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
 
 
@@ -310,7 +311,7 @@ def small_batch_linear(x, weight, bias=None):
     _check_linear_args(x, weight, bias)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                               (bias is not None and bias.requires_grad))
-    if _backend == "torch" or not _NATIVE or needs_grad or weight.device.type != "cpu":
+    if _backend == "torch" or not _NATIVE or needs_grad or not weight.is_cpu:
         return F.linear(x, weight, bias)
     return torch.ops.svd_fast.small_batch_linear(x, weight, bias)
 

@@ -1,5 +1,6 @@
 """small_batch_linear (the few-row CPU linear kernel) against F.linear, and the cpu_decode context
 manager that routes a model's frozen linears to it."""
+import math
 import os
 import subprocess
 import sys
@@ -28,13 +29,30 @@ def random_linear(rows_shape, in_features, out_features, dtype, bias=True, seed=
     return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
 
 
-def expected_linear(x, w, b):
-    """F.linear in float32, rounded once to the inputs' dtype: the kernel's promise for bf16 too."""
-    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(w.dtype)
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+# bf16 with more than 4 rows runs at::linear on AMX CPUs, where oneDNN's AMX GEMM is faster.
+AMX = "amx_bf16" in cpu_flags()
+
+
+def kernel_runs(x, w):
+    rows = math.prod(x.shape[:-1])
+    return 1 <= rows <= (4 if w.dtype == torch.bfloat16 and AMX else 16)
 
 
 def assert_matches_linear(y, x, w, b):
-    expected = expected_linear(x, w, b)
+    """The kernel: F.linear in float32, rounded once to the weights' dtype (bf16 too); elsewhere
+    at::linear itself."""
+    if not kernel_runs(x, w):
+        assert torch.equal(y, F.linear(x, w, b))
+        return
+    expected = F.linear(x.float(), w.float(), None if b is None else b.float()).to(w.dtype)
     assert y.dtype == w.dtype and y.shape == expected.shape
     # Sums of `in` products in another order: the error grows like sqrt(in) float32 roundings of
     # O(1) terms. bf16 outputs may land one bf16 ulp (2^-8 relative) apart after the final rounding.
@@ -72,6 +90,13 @@ def test_leading_dims_and_non_contiguous_x(dtype):
         assert_matches_linear(y, x, w, b)
 
 
+def test_bf16_runs_the_kernel_up_to_4_rows_on_amx_cpus():
+    x, w, b = random_linear((5,), 577, 13, torch.bfloat16)
+    assert kernel_runs(x[:4], w) and kernel_runs(x, w) == (not AMX)
+    assert_matches_linear(OP(x[:4], w, b), x[:4], w, b)
+    assert_matches_linear(OP(x, w, b), x, w, b)
+
+
 def test_more_rows_and_other_dtypes_run_at_linear():
     for dtype, rows in ((torch.float32, 17), (torch.float32, 64), (torch.float16, 2), (torch.float64, 2)):
         x, w, b = random_linear((rows,), 33, 13, dtype, seed=rows)
@@ -107,7 +132,7 @@ def test_python_face_checks_and_backends():
         (lambda: svd_fast.small_batch_linear(x.numpy(), w), TypeError, "x must be a torch.Tensor"),
         (lambda: svd_fast.small_batch_linear(x, w.bfloat16()), TypeError, "must share dtype"),
         (lambda: svd_fast.small_batch_linear(x, w, b.double()), TypeError, "bias is torch.float64"),
-        (lambda: svd_fast.small_batch_linear(x.long(), w), TypeError, "floating-point"),
+        (lambda: svd_fast.small_batch_linear(x.long(), w.long()), TypeError, "weight must be a floating-point"),
         (lambda: svd_fast.small_batch_linear(x[:, :5], w), ValueError, r"x must be \[..., in\] with in = "),
         (lambda: svd_fast.small_batch_linear(x, w[0]), ValueError, r"weight must be \[out, in\]"),
         (lambda: svd_fast.small_batch_linear(x, w, b[:3]), ValueError, r"bias must be \[out\] = \[13\]"),
@@ -146,11 +171,13 @@ def run_isa_script(isa):
                           env={**os.environ, "SVD_FAST_SMALL_LINEAR_ISA": isa})
 
 
-def test_avx2_kernel_when_avx512_is_capped():
-    result = run_isa_script("avx2")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_each_isa_when_forced(isa):
+    # A forced ISA also runs bf16 with more than 4 rows, which AMX CPUs leave to at::linear by default.
+    result = run_isa_script(isa)
     assert result.returncode == 0, result.stderr
-    isa = result.stdout.split()[0]
-    assert isa in ("avx2", "none")  # "none" on a CPU without AVX2 + FMA
+    ran = result.stdout.split()[0]
+    assert ran in ("avx512", "avx2", "none")[("avx512", "avx2").index(isa):]  # lower on CPUs without it
 
 
 def test_fallback_without_avx2_is_at_linear():
