@@ -3,8 +3,8 @@ on the real SmolLM2-135M (the embedded default model) with a LoRA adapter (SPEC 
 
   plain_stock     PEFT's own generate, stock linear layers
   plain_kernel    PEFT's own generate inside svd_fast.cpu_decode.small_batch_linears
-  steered_stock   SteeredModel (one forward of 2B rows), cpu_linear_kernel=False (the default)
-  steered_kernel  SteeredModel (one forward of 2B rows), cpu_linear_kernel=True
+  steered_stock   SteeredModel (one forward of 2B rows), cpu_linear_kernel=False
+  steered_kernel  SteeredModel (one forward of 2B rows), cpu_linear_kernel=True (the default)
 
 64 new tokens, greedy, batch 1 and 8.
 

@@ -121,13 +121,13 @@ class SteeredModel:
     Both distributions come from one forward of 2B rows wherever the PEFT method allows (see `mode`);
     one_forward=False forces two forwards (the base one under disable_adapter()).
     Base rows behave as the plain base model on left-padded input (positions from the attention mask);
-    adapter rows as the PEFT model's own forward. cpu_linear_kernel=True runs the frozen linear layers of
-    CPU decode steps through the small-batch kernel (`svd_fast.cpu_decode`); off by default, since on the
-    machines measured so far it does not speed steered decoding up (README, "CPU decoding").
+    adapter rows as the PEFT model's own forward. On the CPU, generate runs the frozen linear layers of
+    decode steps through the small-batch kernel (`svd_fast.cpu_decode`); cpu_linear_kernel=False turns
+    that off.
     """
 
     def __init__(self, peft_model, mu, alpha=0.1, fill=float("-inf"), adapter_name=None, one_forward="auto",
-                 cpu_linear_kernel=False):
+                 cpu_linear_kernel=True):
         adapter = adapter_name or getattr(peft_model, "active_adapter", None)
         if not isinstance(adapter, str):
             raise ValueError("pass adapter_name=...: the model has no single active PEFT adapter")

@@ -257,9 +257,8 @@ def test_adapter_that_resized_the_vocabulary_is_refused():
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_cpu_decode_steps_use_the_small_batch_kernel(method, monkeypatch):
-    """With the switch on, decode steps (2B <= 16 rows) run the frozen linears through the kernel and
-    prefill does not; off (the default) nothing does; scores agree with the stock path and greedy tokens
-    are identical."""
+    """Decode steps (2B <= 16 rows) run the frozen linears through the kernel, prefill does not; the
+    switch turns it off; scores agree with the stock path and greedy tokens are identical."""
     import svd_fast.cpu_decode as cpu_decode
 
     model = adapted("llama", method)
@@ -278,11 +277,11 @@ def test_cpu_decode_steps_use_the_small_batch_kernel(method, monkeypatch):
 
     monkeypatch.setattr(cpu_decode, "_small_batch_forward", counting)
     settings = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    with_kernel = SteeredModel(model, mu=4.0, alpha=0.3, cpu_linear_kernel=True).generate(**batch, **settings)
+    with_kernel = SteeredModel(model, mu=4.0, alpha=0.3).generate(**batch, **settings)  # on by default
     decode_rows = [r for r in rows_seen if r <= 16]
     assert decode_rows and max(rows_seen) > 16  # decode steps hit the kernel path, prefill the stock one
     rows_seen.clear()
-    stock = SteeredModel(model, mu=4.0, alpha=0.3).generate(**batch, **settings)  # off by default
+    stock = SteeredModel(model, mu=4.0, alpha=0.3, cpu_linear_kernel=False).generate(**batch, **settings)
     assert not rows_seen
     assert with_kernel.sequences.tolist() == stock.sequences.tolist()
     for a, b in zip(with_kernel.scores, stock.scores):
