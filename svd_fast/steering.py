@@ -2,7 +2,8 @@
 
 Every step needs the adapted and the base model's logits on the same context. Both come from ONE
 batched forward of 2B rows, each row once with the adapter and once without, with one KV cache of 2B
-rows: through PEFT's mixed-adapter batches for LoRA-family adapters, per-row scaling hooks for IA3, and
+rows: LoRA linear layers that add their update to the adapter rows only (PEFT's mixed-adapter batches
+for other LoRA layers and variants), per-row scaling hooks for IA3, and
 virtual tokens on the adapter rows only for prompt and prefix tuning. Anything else (or
 one_forward=False) takes two forwards, the base one under `disable_adapter()`.
 
@@ -21,8 +22,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import ops
 from .examples import collate, ensure_pad_token
 
-# PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter.
-MIXED_BATCH_TUNERS = ("LORA", "LOHA", "LOKR")
+# PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter
+# (PEFT's LoHa and LoKr layers ignore adapter_names: they would steer the base rows too).
+MIXED_BATCH_TUNERS = ("LORA",)
 PROMPT_LEARNING_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
 VIRTUAL_TOKEN_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 BASE_ADAPTER = "__base__"
@@ -111,6 +113,52 @@ class _PerRowIA3:
                 m._disable_adapters = flag
 
 
+class _PerRowLoRA:
+    """Plain LoRA on the adapter rows of a batch only: inside `adapter_rows(n)` each LoRA linear layer
+    returns base(x) + B(A(dropout(x[:n]))) * scaling on rows [0, n) and base(x) on the others, as PEFT's
+    mixed-adapter batch does, without its per-forward hook registration over every module and its
+    index gathers (rows [0, n) are a slice)."""
+
+    def __init__(self, peft_model, adapter):
+        from peft.tuners.lora.layer import Linear, LoraLayer
+
+        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        self.supported = bool(layers) and all(
+            type(m) is Linear and not m.merged and adapter in m.lora_A and adapter not in m.lora_variant
+            for m in layers)
+        self.rows = 0
+        self.forwards = [(m, self._row_forward(m, adapter)) for m in layers] if self.supported else []
+
+    def _row_forward(self, layer, adapter):
+        lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+        dropout, scaling = layer.lora_dropout[adapter], layer.scaling[adapter]
+
+        def forward(x, *args, **kwargs):
+            result = layer.base_layer(x, *args, **kwargs)
+            if layer.disable_adapters:
+                return result
+            if layer.merged:
+                raise RuntimeError("the LoRA adapter was merged into the weights after SteeredModel was built; the base "
+                                   "rows need the plain weights: call model.unmerge_adapter() before steering")
+            n = self.rows
+            update = lora_B(lora_A(dropout(x[:n].to(lora_A.weight.dtype)))) * scaling
+            result[:n] += update.to(result.dtype)
+            return result
+
+        return forward
+
+    @contextlib.contextmanager
+    def adapter_rows(self, n):
+        self.rows = n
+        try:
+            for layer, forward in self.forwards:
+                layer.forward = forward
+            yield
+        finally:
+            for layer, _ in self.forwards:
+                layer.__dict__.pop("forward", None)
+
+
 class SteeredModel:
     """A PEFT model that decodes with steered logits (SPEC 3).
 
@@ -143,7 +191,10 @@ class SteeredModel:
         self.mu, self.alpha, self.fill = mu, alpha, fill
         self.prompt_learning = self.peft_type in PROMPT_LEARNING_TUNERS
         self._ia3 = _PerRowIA3(peft_model, adapter) if self.peft_type == "IA3" else None
-        if self.peft_type in MIXED_BATCH_TUNERS and not getattr(self.peft_config, "use_dora", False):
+        self._lora = _PerRowLoRA(peft_model, adapter) if self.peft_type == "LORA" else None
+        if self._lora is not None and self._lora.supported:
+            one_route = "lora"
+        elif self.peft_type in MIXED_BATCH_TUNERS and not getattr(self.peft_config, "use_dora", False):
             one_route = "mixed"
         elif self._ia3 is not None and self._ia3.supported:
             one_route = "ia3"
@@ -162,7 +213,7 @@ class SteeredModel:
     @property
     def mode(self):
         """How the two distributions are computed."""
-        return {"mixed": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
+        return {"lora": "one-forward (LoRA on adapter rows)", "mixed": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
                 "virtual": "one-forward (virtual tokens on adapter rows)"}.get(
             self.route, "two-forward (no cache)" if self.prompt_learning else "two-forward")
 
@@ -189,7 +240,7 @@ class SteeredModel:
                 z_b = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  **extra).logits
             return z_a[:, -z_b.shape[1]:], z_b, None
-        if self.route in ("mixed", "ia3"):
+        if self.route in ("lora", "mixed", "ia3"):
             if cache is None:
                 cache = _PairedCache()
             kwargs = dict(input_ids=torch.cat([input_ids, input_ids]), attention_mask=torch.cat([attention_mask] * 2),
@@ -197,6 +248,9 @@ class SteeredModel:
                           **{self._cache_kwarg: cache}, **extra)
             if self.route == "mixed":
                 logits = self.model(**kwargs, adapter_names=[self.adapter] * n + [BASE_ADAPTER] * n).logits
+            elif self.route == "lora":
+                with self._lora.adapter_rows(n):
+                    logits = self.model(**kwargs).logits
             else:
                 with self._ia3.adapter_rows(n):
                     logits = self.model(**kwargs).logits

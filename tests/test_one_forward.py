@@ -8,8 +8,9 @@ from svd_fast.steering import SteeredModel
 from hf_models import char_tokenizer
 from test_steering import PROMPTS, adapted, full_recompute_pair, left_padded
 
-METHODS = ["lora", "ia3", "prompt", "ptuning_v2"]
-EXPECTED_MODE = {"lora": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
+METHODS = ["lora", "lora_embed", "ia3", "prompt", "ptuning_v2"]
+EXPECTED_MODE = {"lora": "one-forward (LoRA on adapter rows)", "lora_embed": "one-forward (mixed-adapter batch)",
+                 "ia3": "one-forward (per-row IA3)",
                  "prompt": "one-forward (virtual tokens on adapter rows)",
                  "ptuning_v2": "one-forward (virtual tokens on adapter rows)"}
 

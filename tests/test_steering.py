@@ -2,7 +2,7 @@
 recompute and the reference op, on tiny random Llama, Qwen2 and GPT-2 models."""
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from svd_fast import reference
 from svd_fast.steering import SteeredModel, SteeringLogitsProcessor
@@ -16,6 +16,11 @@ def adapter_config(method, arch):
     attention = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj"]
     if method == "lora":
         return LoraConfig(r=4, lora_alpha=8, target_modules=attention, init_lora_weights=False, task_type="CAUSAL_LM")
+    if method == "lora_embed":  # an embedding layer among the targets: PEFT's mixed-adapter batch path
+        return LoraConfig(r=4, lora_alpha=8, target_modules=attention + ["embed_tokens"], init_lora_weights=False,
+                          task_type="CAUSAL_LM")
+    if method == "loha":
+        return LoHaConfig(r=4, alpha=8, target_modules=attention, init_weights=False, task_type="CAUSAL_LM")
     if method == "ia3":
         ff = ["c_fc"] if arch == "gpt2" else ["down_proj"]
         return IA3Config(target_modules=attention + ff, feedforward_modules=ff, init_ia3_weights=False,
@@ -80,13 +85,16 @@ PROMPTS = ["The cat sat", "A", "Steering vectors decode"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2", "loha"])
 def test_greedy_matches_two_model_reference(arch, method):
+    if method == "loha" and arch == "gpt2":
+        pytest.skip("PEFT's LoHa has no GPT-2 Conv1D layer")
     model = adapted(arch, method)
     tok = char_tokenizer()
     batch = left_padded(tok, PROMPTS)
     steered = SteeredModel(model, mu=4.0, alpha=0.3)
-    assert steered.mode.startswith("one-forward")
+    # PEFT's LoHa layers ignore mixed-batch adapter names, so LoHa takes two forwards
+    assert steered.mode.startswith("two-forward" if method == "loha" else "one-forward")
     out = steered.generate(**batch, max_new_tokens=10, do_sample=False)
     expected = reference_greedy(model, batch["input_ids"], batch["attention_mask"], 4.0, 0.3, float("-inf"), 10)
     assert out.tolist() == expected.tolist()
