@@ -1,17 +1,20 @@
-"""CPU decode throughput with and without the small-batch linear kernel (issue 6), side by side in one run,
-on the real SmolLM2-135M (the embedded default model) with a LoRA adapter (SPEC 5: r=8 on q, k, v, o):
+"""CPU decode throughput with and without the small-batch linear kernel (issue 6), on the real
+SmolLM2-135M (the embedded default model) with a LoRA adapter (SPEC 5: r=8 on q, k, v, o):
 
   plain_stock     PEFT's own generate, stock linear layers
   plain_kernel    PEFT's own generate inside svd_fast.cpu_decode.small_batch_linears
   steered_stock   SteeredModel (one forward of 2B rows), cpu_linear_kernel=False
   steered_kernel  SteeredModel (one forward of 2B rows), cpu_linear_kernel=True (the default)
 
-64 new tokens, greedy, batch 1 and 8.
+64 new tokens, greedy, batch 1 and 8. Each benchmark round runs all four modes once, in an order that
+rotates from round to round, so a machine whose speed drifts (shared VMs do) slows every mode alike; the
+per-mode times sit in extra_info["seconds"].
 
     python -m pytest benchmarks/bench_cpu_decode.py --benchmark-json=benchmarks/results/cpu-decode.json
     python benchmarks/report_cpu_decode.py benchmarks/results/cpu-decode.json
 """
 import platform
+import time
 
 import pytest
 import torch
@@ -23,6 +26,8 @@ from svd_fast.steering import SteeredModel
 from svd_fast.training import preset_config
 
 NEW_TOKENS = 64
+ROUNDS = 9
+MODES = ("plain_stock", "plain_kernel", "steered_stock", "steered_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +45,38 @@ def prompts(batch):
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("mode", ["plain_stock", "plain_kernel", "steered_stock", "steered_kernel"])
-def test_cpu_decode(benchmark, lora_model, mode, batch):
-    inputs = prompts(batch)
+def runner(lora_model, mode, inputs):
     settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
-    if mode.startswith("plain"):
-        def run():
-            with torch.no_grad():
-                if mode == "plain_kernel":
-                    with small_batch_linears(lora_model):
-                        return lora_model.generate(**inputs, **settings)
-                return lora_model.generate(**inputs, **settings)
-    else:
+    if mode.startswith("steered"):
         steered = SteeredModel(lora_model, mu=1.0, alpha=0.1, cpu_linear_kernel=(mode == "steered_kernel"))
+        return lambda: steered.generate(**inputs, **settings)
 
-        def run():
-            return steered.generate(**inputs, **settings)
-    out = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    assert out.shape == (batch, 16 + NEW_TOKENS)
-    benchmark.extra_info.update(mode=mode, batch=batch, new_tokens=NEW_TOKENS, torch=torch.__version__,
+    def plain():
+        with torch.no_grad():
+            if mode == "plain_kernel":
+                with small_batch_linears(lora_model):
+                    return lora_model.generate(**inputs, **settings)
+            return lora_model.generate(**inputs, **settings)
+
+    return plain
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_cpu_decode(benchmark, lora_model, batch):
+    inputs = prompts(batch)
+    runners = {mode: runner(lora_model, mode, inputs) for mode in MODES}
+    for run in runners.values():  # warm-up
+        run()
+    seconds = {mode: [] for mode in MODES}
+
+    def one_round():
+        start = len(seconds[MODES[0]]) % len(MODES)
+        for mode in MODES[start:] + MODES[:start]:
+            t0 = time.perf_counter()
+            out = runners[mode]()
+            seconds[mode].append(time.perf_counter() - t0)
+            assert out.shape == (batch, 16 + NEW_TOKENS)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    benchmark.extra_info.update(batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, torch=torch.__version__,
                                 machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

@@ -10,13 +10,15 @@
 
 Data files are JSON Lines (or one JSON list): {"prompt": ..., "answer": ...} for warm-start and
 calibrate, {"prompt": ..., "choices": [...], "answer": index} for score. Models load from local folders
-only; nothing is downloaded.
+(or the embedded default, smollm2-135m-instruct); nothing is downloaded.
 """
 import argparse
 import json
 import math
 import os
 import sys
+
+from .models import DEFAULT_MODEL
 
 
 class UserError(Exception):
@@ -49,22 +51,22 @@ def _existing_dir(path, what):
     return path
 
 
-def _load_base(path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_base(name_or_path):
+    """(model, tokenizer, folder) of a local HF folder or the embedded default model's name."""
+    from . import models
 
-    _existing_dir(path, "model")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load a causal LM and tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    return model.eval(), tokenizer
+        path = models.resolve(name_or_path)
+        model, tokenizer = models.load(path)
+    except models.MissingModelError as err:
+        raise UserError(str(err)) from None
+    return model, tokenizer, path
 
 
 def _load_adapted(model_path, adapter_path):
     from peft import PeftModel
 
-    model, tokenizer = _load_base(model_path)
+    model, tokenizer, model_path = _load_base(model_path)
     _existing_dir(adapter_path, "adapter")
     if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise UserError(f"{adapter_path} has no adapter_config.json: is it a PEFT adapter folder?")
@@ -131,7 +133,7 @@ def cmd_warm_start(args):
     from .training import warm_start
 
     examples = _read_records(args.data, "training data")
-    model, tokenizer = _load_base(args.model)
+    model, tokenizer, _ = _load_base(args.model)
     peft_model = warm_start(model, tokenizer, examples, method=args.method, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     peft_model.save_pretrained(args.out)
@@ -311,7 +313,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("warm-start", help="fine-tune a fresh PEFT adapter briefly (SPEC 5)")
-    p.add_argument("--model", required=True, help="local folder of the base causal LM (with its tokenizer)")
+    p.add_argument("--model", required=True, help=f"local folder of the base causal LM (with its tokenizer), or "
+                   f"{DEFAULT_MODEL} for the embedded default")
     p.add_argument("--data", required=True, help='JSON Lines of {"prompt": ..., "answer": ...}')
     p.add_argument("--method", default="lora", choices=["lora", "ia3", "prompt", "ptuning_v2"])
     p.add_argument("--epochs", type=_positive_int, default=1)
@@ -359,7 +362,6 @@ def build_parser():
             p.add_argument("--normalize", action="store_true", help="length-normalised log-likelihood")
             p.add_argument("--batch-size", type=_positive_int, default=8)
     from .data import BENCHMARKS, COMMONSENSE
-    from .models import DEFAULT_MODEL
     from .training import METHODS
 
     p = sub.add_parser("prepare", help="convert the default model and fetch TruthfulQA into the cache, once")

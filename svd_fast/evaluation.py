@@ -291,39 +291,38 @@ def _settings_record(job, sizes, model):
     return json.loads(json.dumps(record))  # as it reads back from settings.json (tuples become lists)
 
 
-def _base(base_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(base_path, local_files_only=True))
-    model = AutoModelForCausalLM.from_pretrained(base_path, local_files_only=True, dtype=torch.float32).eval()
-    return model, tokenizer
-
-
-def load_job(out, job, model="smollm2-135m-instruct", cache=None):
-    """(peft_model, tokenizer, {alpha: CalibrationResult}) of a finished job of the run in `out`."""
+def _load_calibrated(folder, base_path):
     import peft
 
     from . import models
 
-    folder = os.path.join(out, "adapters", job.name)
-    calib_path = os.path.join(folder, "calibration.json")
-    if not os.path.exists(calib_path):
-        raise FileNotFoundError(f"{folder} holds no calibrated adapter: run the job first")
-    base, tokenizer = _base(models.resolve(model, cache, progress=False))
+    base, tokenizer = models.load(base_path, progress=False)
     peft_model = peft.PeftModel.from_pretrained(base, folder).eval()
-    calibrations = {float(a): CalibrationResult(**{**c, "fill": float("-inf")}) for a, c in _read_json(calib_path).items()}
+    calibrations = {float(a): CalibrationResult(**{**c, "fill": float("-inf")})
+                    for a, c in _read_json(os.path.join(folder, "calibration.json")).items()}
     return peft_model, tokenizer, calibrations
 
 
-def _prepare_adapter(job, base_path, questions, folder, progress, log, out, model, cache):
+def load_job(out, job, model="smollm2-135m-instruct", cache=None):
+    """(peft_model, tokenizer, {alpha: CalibrationResult}) of a finished job of the run in `out`."""
+    from . import models
+
+    folder = os.path.join(out, "adapters", job.name)
+    if not os.path.exists(os.path.join(folder, "calibration.json")):
+        raise FileNotFoundError(f"{folder} holds no calibrated adapter: run the job first")
+    return _load_calibrated(folder, models.resolve(model, cache, progress=False))
+
+
+def _prepare_adapter(job, base_path, questions, folder, progress, log):
     """The job's warm-started and calibrated adapter: trained and saved, or loaded from `folder`."""
+    from . import models
     from .training import warm_start
 
-    if os.path.exists(os.path.join(folder, "calibration.json")):
-        log(f"[{job.name}] adapter and calibration found in {folder}: skipping warm start and calibration")
-        return load_job(out, job, model, cache)
-    base_model, tokenizer = _base(base_path)
     calib_path = os.path.join(folder, "calibration.json")
+    if os.path.exists(calib_path):
+        log(f"[{job.name}] adapter and calibration found in {folder}: skipping warm start and calibration")
+        return _load_calibrated(folder, base_path)
+    base_model, tokenizer = models.load(base_path, progress=False)
     train = [q.example() for b in job.train_on for q in questions.split(b, job.template).train]
     calib = [q.example() for b in job.train_on for q in questions.split(b, job.template).calib]
     log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
@@ -376,8 +375,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
             continue
         _write_json(settings_path, settings)
         try:
-            peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log,
-                                                                   out, model, cache)
+            peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log)
             for benchmark in pending:
                 _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log)
             del peft_model

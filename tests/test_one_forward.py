@@ -49,3 +49,21 @@ def test_greedy_and_beam_one_forward_equal_two_forwards(method, arch, batch_size
         a = one.generate(**batch, max_new_tokens=10, **kwargs)
         b = two.generate(**batch, max_new_tokens=10, **kwargs)
         assert a.tolist() == b.tolist(), kwargs
+
+
+def test_lora_rows_with_gradients_and_after_a_merge():
+    model = adapted("llama", "lora")
+    steered = SteeredModel(model, mu=1.0)
+    batch = left_padded(char_tokenizer(), PROMPTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        want_a, want_b, _ = steered.logits_pair(ids, mask)  # the in-place fast path
+    z_a, z_b, _ = steered.logits_pair(ids, mask)  # with autograd: the out-of-place path
+    torch.testing.assert_close(z_a, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_b, want_b, rtol=1e-5, atol=1e-5)
+    z_a.sum().backward()
+    lora_a = next(p for name, p in model.named_parameters() if "lora_A" in name)
+    assert lora_a.grad is not None and lora_a.grad.abs().sum() > 0
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match="unmerge_adapter"):
+        steered.logits_pair(ids, mask)

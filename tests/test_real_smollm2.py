@@ -60,3 +60,16 @@ def test_pipeline_on_real_data(smollm2, tmp_path):
     steered = evaluation.SteeredModel(peft_model, mu=0.0, fill="keep")
     sums, _ = evaluation.score_question(steered, tokenizer, question, {})
     np.testing.assert_allclose(sums["adapter"], expected, atol=2e-3)
+
+
+def test_cli_takes_the_default_model_by_name(smollm2, tmp_path, capsys):
+    from svd_fast.cli import main
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"prompt": "The capital of France is", "answer": " Paris"}\n'
+                     '{"prompt": "Two plus two is", "answer": " four"}\n')
+    adapter = tmp_path / "adapter"
+    assert main(["warm-start", "--model", models.DEFAULT_MODEL, "--data", str(train), "--out", str(adapter)]) == 0
+    assert main(["generate", "--model", models.DEFAULT_MODEL, "--adapter", str(adapter), "--mu", "0.5",
+                 "--prompt", "The capital of France is", "--max-new-tokens", "3"]) == 0
+    assert "steered:" in capsys.readouterr().out
