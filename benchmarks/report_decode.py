@@ -12,7 +12,10 @@ def main(path):
         cells[(info.get("method", "lora"), info["batch"], info["mode"])] = (bench["stats"]["median"], info)
     info = next(iter(cells.values()))[1]
     print(f"Decode throughput, {info['new_tokens']} new tokens, greedy; {info['machine']} ({info['device']}, "
-          f"torch {info['torch']}); median of the timed rounds, all cells from one run.\n")
+          f"torch {info['torch']}); median of the timed rounds; the three modes of a row come from one run.")
+    for note in data.get("notes", []):
+        print(f"Note: {note}.")
+    print()
     print("| method | batch | (a) plain adapter tok/s | (b) two forwards tok/s | (c) one forward tok/s | (c) / (b) "
           "| (c) / (a) | steer op share of a (c) step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
