@@ -24,7 +24,7 @@ import torch
 from . import data as datasets_
 from . import ops
 from .calibration import CalibrationResult, calibrate_sweep
-from .examples import collate, ensure_pad_token
+from .examples import collate
 from .progress import progress_bar
 from .steering import SteeredModel
 

@@ -145,7 +145,7 @@ class _PerRowLoRA:
             if (lora_B.bias is None and result.is_contiguous() and result.dtype == a.dtype == b.dtype
                     and not torch.is_grad_enabled()):
                 # rows [0, n) of the batch are the first n * T rows of the flattened activations
-                rows = self.rows * (x.numel() // (x.shape[0] * x.shape[-1]))
+                rows = self.rows * (x.numel() // max(1, x.shape[0] * x.shape[-1]))
                 h = dropout(x.reshape(-1, x.shape[-1])[:rows].to(a.dtype))
                 result.view(-1, result.shape[-1])[:rows].addmm_(F.linear(h, a), b.t(), alpha=scaling)
                 return result
@@ -159,13 +159,17 @@ class _PerRowLoRA:
     @contextlib.contextmanager
     def adapter_rows(self, n):
         self.rows = n
+        own = [layer.__dict__.get("forward") for layer, _ in self.forwards]
         try:
             for layer, forward in self.forwards:
                 layer.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
             yield
         finally:
-            for layer, _ in self.forwards:
-                layer.__dict__.pop("forward", None)
+            for (layer, _), forward in zip(self.forwards, own):
+                if forward is None:
+                    layer.__dict__.pop("forward", None)
+                else:
+                    layer.__dict__["forward"] = forward
 
 
 class SteeredModel:
