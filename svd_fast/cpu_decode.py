@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from . import ops
+from .patching import replaced_forwards
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -50,16 +51,6 @@ def small_batch_linears(module, max_rows=ops.SMALL_BATCH_MAX_ROWS):
     if not ops.native_available() or ops.get_backend() == "torch":
         yield 0
         return
-    patched = []  # (layer, its own instance-level forward or None)
-    try:
-        for layer in module.modules():
-            if isinstance(layer, torch.nn.Linear) and _eligible(layer):
-                patched.append((layer, layer.__dict__.get("forward")))
-                layer.forward = _small_batch_forward(layer, layer.forward, max_rows)
-        yield len(patched)
-    finally:
-        for layer, own_forward in reversed(patched):
-            if own_forward is None:
-                del layer.forward
-            else:
-                layer.forward = own_forward
+    layers = [layer for layer in module.modules() if isinstance(layer, torch.nn.Linear) and _eligible(layer)]
+    with replaced_forwards([(layer, _small_batch_forward(layer, layer.forward, max_rows)) for layer in layers]):
+        yield len(layers)

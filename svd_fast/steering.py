@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import ops
 from .examples import collate, ensure_pad_token
+from .patching import replaced_forwards
 
 # PEFT tuners whose layers take `adapter_names` for mixed batches, with "__base__" meaning no adapter
 # (PEFT's LoHa and LoKr layers ignore adapter_names: they would steer the base rows too).
@@ -159,17 +160,8 @@ class _PerRowLoRA:
     @contextlib.contextmanager
     def adapter_rows(self, n):
         self.rows = n
-        own = [layer.__dict__.get("forward") for layer, _ in self.forwards]
-        try:
-            for layer, forward in self.forwards:
-                layer.__dict__["forward"] = forward  # an instance attribute shadows the class's forward
+        with replaced_forwards(self.forwards):
             yield
-        finally:
-            for (layer, _), forward in zip(self.forwards, own):
-                if forward is None:
-                    layer.__dict__.pop("forward", None)
-                else:
-                    layer.__dict__["forward"] = forward
 
 
 class SteeredModel:
@@ -226,8 +218,8 @@ class SteeredModel:
     @property
     def mode(self):
         """How the two distributions are computed."""
-        return {"lora": "one-forward (LoRA on adapter rows)", "mixed": "one-forward (mixed-adapter batch)", "ia3": "one-forward (per-row IA3)",
-                "virtual": "one-forward (virtual tokens on adapter rows)"}.get(
+        return {"lora": "one-forward (LoRA on adapter rows)", "mixed": "one-forward (mixed-adapter batch)",
+                "ia3": "one-forward (per-row IA3)", "virtual": "one-forward (virtual tokens on adapter rows)"}.get(
             self.route, "two-forward (no cache)" if self.prompt_learning else "two-forward")
 
     # ---------------------------------------------------------------------------------------------
