@@ -22,7 +22,8 @@ want_cuda = os.environ.get("SVD_FAST_CUDA", "1") != "0"
 nvcc = CUDA_HOME and (shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")))
 with_cuda = bool(want_cuda and nvcc)
 
-sources = ["csrc/python_module.cpp", "csrc/steering_ops.cpp", "csrc/steering_cpu.cpp", "csrc/small_batch_linear_cpu.cpp"]
+sources = ["csrc/python_module.cpp", "csrc/steering_ops.cpp", "csrc/cpu_isa.cpp", "csrc/steering_cpu.cpp",
+           "csrc/small_batch_linear_cpu.cpp"]
 # -fopenmp: at::parallel_for is header code that needs it, and the `omp simd` loops;
 # -fno-trapping-math lets GCC turn the selects in steering_math.h into blends; fp-contract: FMAs.
 cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast", "-fvisibility=hidden"]

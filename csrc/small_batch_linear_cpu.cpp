@@ -3,9 +3,9 @@
 // weights (the whole cost at this size) each time; here every tile of kTileRows weight rows is read
 // once and multiplied into all M rows of x while it sits in L1, the dot products living in vector
 // registers. fp32 or bf16 weights, x and y in the weight's dtype (as F.linear), fp32 accumulation.
-// The vector code is compiled for AVX2+FMA and for AVX-512 through target attributes, picked at run
-// time; anything else (more rows, bf16 with more than 4 rows on AMX CPUs, other dtypes or devices,
-// strided weights, CPUs without AVX2+FMA, SVD_FAST_SMALL_LINEAR_ISA=none) runs at::linear.
+// The vector code is compiled for AVX2+FMA and for AVX-512 through target attributes and runs the one
+// cpu_isa() names (cpu_isa.h); anything else (more rows, bf16 with more than 4 rows on AMX CPUs, other
+// dtypes or devices, strided weights, the baseline ISA) runs at::linear.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "cpu_isa.h"
 
 namespace svd_fast {
 namespace {
@@ -27,8 +29,6 @@ constexpr int64_t kMinTaskWeights = 1 << 15;  // weight elements worth a paralle
 // 0-16 KiB for 576 inputs, neutral for 1536).
 constexpr int64_t kPrefetchBytes = 8192;
 
-enum class Isa { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
-
 struct Problem {
   const float* x;      // [rows, in], contiguous
   const void* weight;  // [out, in], contiguous, float or BFloat16
@@ -38,8 +38,7 @@ struct Problem {
   bool bf16;
 };
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SVD_SMALL_LINEAR_VECTORS 1
+#ifdef SVD_X86_TARGETS
 #define SVD_INLINE inline __attribute__((always_inline))
 #if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors passed by value: always inlined, so no ABI to change
@@ -184,7 +183,7 @@ SVD_INLINE void linear_tiles(const Problem& p, int64_t tile_begin, int64_t tile_
   }
 }
 
-__attribute__((target("avx2,fma"))) void linear_tiles_avx2(const Problem& p, int64_t begin, int64_t end) {
+SVD_TARGET_AVX2 void linear_tiles_avx2(const Problem& p, int64_t begin, int64_t end) {
   if (p.bf16) {
     linear_tiles<8, c10::BFloat16>(p, begin, end);
   } else {
@@ -192,7 +191,7 @@ __attribute__((target("avx2,fma"))) void linear_tiles_avx2(const Problem& p, int
   }
 }
 
-__attribute__((target("avx512f,avx2,fma"))) void linear_tiles_avx512(const Problem& p, int64_t begin,
+SVD_TARGET_AVX512 void linear_tiles_avx512(const Problem& p, int64_t begin,
                                                                       int64_t end) {
   if (p.bf16) {
     linear_tiles<16, c10::BFloat16>(p, begin, end);
@@ -202,49 +201,20 @@ __attribute__((target("avx512f,avx2,fma"))) void linear_tiles_avx512(const Probl
 }
 #endif
 
-struct CpuChoice {
-  Isa isa;
-  // bf16 with more rows than this runs at::linear: on CPUs with AMX, oneDNN's AMX GEMM beats the FMA
-  // kernel from 5-6 rows on (measured on Sapphire/Emerald Rapids); kMaxRows elsewhere.
-  int64_t max_bf16_rows;
-};
-
-CpuChoice detect_cpu() {
-  Isa best = Isa::kNone;
-  bool amx_bf16 = false;
-#ifdef SVD_SMALL_LINEAR_VECTORS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    best = __builtin_cpu_supports("avx512f") ? Isa::kAvx512 : Isa::kAvx2;
-  }
-#if !defined(__clang__)  // not a name every clang knows
-  amx_bf16 = __builtin_cpu_supports("amx-bf16");
+// bf16 with more rows than this runs at::linear: on CPUs with AMX, oneDNN's AMX GEMM beats the FMA
+// kernel from 5-6 rows on (measured on Sapphire/Emerald Rapids). A forced ISA runs the kernel for every
+// row count it takes, so that tests reach it on any CPU.
+int64_t max_bf16_rows() {
+  static const bool amx_bf16 = [] {
+#if defined(SVD_X86_TARGETS) && !defined(__clang__)  // not a name every clang knows
+    __builtin_cpu_init();
+    return static_cast<bool>(__builtin_cpu_supports("amx-bf16"));
+#else
+    return false;
 #endif
-#endif
-  // SVD_FAST_SMALL_LINEAR_ISA (for tests and benchmarks): avx512 or avx2 caps the ISA and runs the
-  // kernel for every row count it takes; none always runs at::linear.
-  const char* forced = std::getenv("SVD_FAST_SMALL_LINEAR_ISA");
-  if (forced == nullptr || *forced == '\0' || std::strcmp(forced, "auto") == 0) {
-    return {best, amx_bf16 ? 4 : kMaxRows};
-  }
-  Isa cap = Isa::kNone;
-  if (std::strcmp(forced, "avx512") == 0) {
-    cap = Isa::kAvx512;
-  } else if (std::strcmp(forced, "avx2") == 0) {
-    cap = Isa::kAvx2;
-  } else {
-    TORCH_CHECK(std::strcmp(forced, "none") == 0,
-                "svd_fast: SVD_FAST_SMALL_LINEAR_ISA must be auto, avx512, avx2 or none, got '", forced, "'");
-  }
-  return {std::min(best, cap), kMaxRows};
+  }();
+  return amx_bf16 && !cpu_isa_forced() ? 4 : kMaxRows;
 }
-
-const CpuChoice& cpu_choice() {
-  static const CpuChoice choice = detect_cpu();
-  return choice;
-}
-
-Isa selected_isa() { return cpu_choice().isa; }
 
 // Matches WeightStep<lanes, BFloat16>: in every full step of 2 * lanes inputs of each row, the even
 // elements first, then the odd ones.
@@ -265,8 +235,9 @@ void split_even_odd(float* x, int64_t rows, int64_t in, int lanes) {
 at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias) {
   const auto dtype = weight.scalar_type();
+  const CpuIsa isa = cpu_isa();
   const bool kernel_fits =
-      selected_isa() != Isa::kNone && (dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 &&
+      isa != CpuIsa::kBaseline && (dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 &&
       weight.is_contiguous() && weight.is_cpu() && x.is_cpu() && x.scalar_type() == dtype && x.dim() >= 1 &&
       x.size(-1) == weight.size(1) &&
       (!bias.has_value() || (bias->is_cpu() && bias->scalar_type() == dtype && bias->dim() == 1 &&
@@ -274,23 +245,23 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
   if (!kernel_fits) return at::linear(x, weight, bias);
   const auto leading = x.sizes().slice(0, x.dim() - 1);
   const int64_t rows = c10::multiply_integers(leading);
-  const int64_t max_rows = dtype == at::kBFloat16 ? cpu_choice().max_bf16_rows : kMaxRows;
+  const int64_t max_rows = dtype == at::kBFloat16 ? max_bf16_rows() : kMaxRows;
   if (rows < 1 || rows > max_rows) return at::linear(x, weight, bias);
 
   const int64_t in = weight.size(1), out = weight.size(0);
   at::Tensor x_f = x.reshape({rows, in}).to(at::kFloat).contiguous();
-  const int lanes = selected_isa() == Isa::kAvx512 ? 16 : 8;
+  const int lanes = isa == CpuIsa::kAvx512 ? 16 : 8;
   if (dtype == at::kBFloat16) split_even_odd(x_f.data_ptr<float>(), rows, in, lanes);  // x_f is a fresh copy
   at::Tensor bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   std::vector<int64_t> y_shape(leading.begin(), leading.end());
   y_shape.push_back(out);
   at::Tensor y = at::empty(y_shape, weight.options());
-#ifdef SVD_SMALL_LINEAR_VECTORS
+#ifdef SVD_X86_TARGETS
   const Problem p{x_f.const_data_ptr<float>(), weight.const_data_ptr(),
                   bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr, y.data_ptr(), rows, in, out,
                   dtype == at::kBFloat16};
-  const auto run_tiles = selected_isa() == Isa::kAvx512 ? &linear_tiles_avx512 : &linear_tiles_avx2;
+  const auto run_tiles = isa == CpuIsa::kAvx512 ? &linear_tiles_avx512 : &linear_tiles_avx2;
   const int64_t tiles = (out + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, kMinTaskWeights / (kTileRows * std::max<int64_t>(in, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { run_tiles(p, begin, end); });
@@ -299,14 +270,6 @@ at::Tensor small_batch_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
 }
 
 }  // namespace
-
-std::string small_batch_linear_isa() {
-  switch (selected_isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "none";
-  }
-}
 
 TORCH_LIBRARY_IMPL(svd_fast, CPU, m) { m.impl("small_batch_linear", &small_batch_linear_cpu); }
 

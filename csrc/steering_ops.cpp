@@ -5,11 +5,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <string>
-
-namespace svd_fast {
-std::string small_batch_linear_isa();  // small_batch_linear_cpu.cpp: "avx512", "avx2" or "none"
-}
+#include "cpu_isa.h"
 
 namespace {
 
@@ -45,7 +41,12 @@ TORCH_LIBRARY(svd_fast, m) {
   m.impl("small_batch_linear", c10::DispatchKey::CompositeExplicitAutograd,
          TORCH_FN(static_cast<at::Tensor (*)(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>(
              at::linear)));
-  m.def("small_batch_linear_isa() -> str", &svd_fast::small_batch_linear_isa);
+  // The CPU kernels' vector ISA (cpu_isa.h): which one runs, force one ("auto" to undo), which exist here.
+  m.def("cpu_isa() -> str", &svd_fast::current_cpu_isa);
+  m.def("set_cpu_isa(str isa) -> str", &svd_fast::set_cpu_isa);
+  m.def("supported_cpu_isas() -> str[]", &svd_fast::supported_cpu_isas);
+  // Benchmark yardstick, CPU only: pass 1's two exps per element alone; per-row sums [rows] float32.
+  m.def("exp_throughput_bound(Tensor z_adapted, Tensor z_base) -> Tensor");
   m.def("has_cuda_kernels() -> bool", [] {
 #ifdef SVD_FAST_WITH_CUDA
     return true;

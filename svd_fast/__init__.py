@@ -14,13 +14,17 @@ The HuggingFace/PEFT names load on first use, so the ops alone need only torch.
 """
 from . import ops, reference
 from .ops import (
+    cpu_isa,
+    forced_cpu_isa,
     get_backend,
     has_cuda_kernels,
     native_available,
     set_backend,
+    set_cpu_isa,
     small_batch_linear,
     steer_logits,
     steering_vector,
+    supported_cpu_isas,
     token_mu,
 )
 

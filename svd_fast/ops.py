@@ -2,8 +2,11 @@
 
 Each op runs the compiled kernels (``torch.ops.svd_fast.*``, CPU and CUDA, from ``csrc/``) when the
 extension is built and the PyTorch reference (``svd_fast.reference``) otherwise. ``SVD_FAST_BACKEND``
-(``auto``, ``native`` or ``torch``) or :func:`set_backend` forces one.
+(``auto``, ``native`` or ``torch``) or :func:`set_backend` forces one. The CPU kernels run the widest
+vector ISA the CPU supports; ``SVD_FAST_CPU_ISA`` (``auto``, ``avx512``, ``avx2``, ``baseline``) or
+:func:`set_cpu_isa` forces one, so every path can be run and tested on a CPU that has it.
 """
+import contextlib
 import math
 import numbers
 import os
@@ -23,6 +26,10 @@ __all__ = [
     "get_backend",
     "native_available",
     "has_cuda_kernels",
+    "cpu_isa",
+    "set_cpu_isa",
+    "supported_cpu_isas",
+    "forced_cpu_isa",
 ]
 
 _BACKENDS = ("auto", "native", "torch")
@@ -50,6 +57,7 @@ _NATIVE = _load_extension()
 _CUDA_KERNELS = _NATIVE and torch.ops.svd_fast.has_cuda_kernels()
 _backend = "auto"
 _warned_cuda_fallback = False
+_CPU_ISAS = ("avx512", "avx2", "baseline")
 
 
 def native_available():
@@ -60,6 +68,42 @@ def native_available():
 def has_cuda_kernels():
     """True when the extension was compiled with its CUDA kernels."""
     return _CUDA_KERNELS
+
+
+def cpu_isa():
+    """The vector ISA the CPU kernels (steering ops and small_batch_linear) run now: "avx512", "avx2" or
+    "baseline" (SSE2; small_batch_linear then runs F.linear). None without the compiled kernels."""
+    return str(torch.ops.svd_fast.cpu_isa()) if _NATIVE else None
+
+
+def supported_cpu_isas():
+    """The ISAs this CPU can run, widest first, e.g. ["avx512", "avx2", "baseline"] (empty without the kernels)."""
+    return [str(name) for name in torch.ops.svd_fast.supported_cpu_isas()] if _NATIVE else []
+
+
+def set_cpu_isa(name):
+    """Force the CPU kernels' ISA for this process: "avx512", "avx2" or "baseline", or "auto" (the widest
+    this CPU supports, the default). The environment variable SVD_FAST_CPU_ISA does the same at start-up.
+    Returns the previous setting ("auto" or the forced name). Raises ValueError for an unknown name or an
+    ISA this CPU lacks, RuntimeError without the compiled kernels."""
+    if name != "auto" and name not in _CPU_ISAS:
+        raise ValueError(f"cpu isa must be 'auto' or one of {_CPU_ISAS}, got {name!r}")
+    if not _NATIVE:
+        raise RuntimeError(f"set_cpu_isa needs the compiled kernels: {_REBUILD_HINT}")
+    if name != "auto" and name not in supported_cpu_isas():
+        raise ValueError(f"this CPU cannot run the {name} kernels; it supports {supported_cpu_isas()}")
+    return str(torch.ops.svd_fast.set_cpu_isa(name))
+
+
+@contextlib.contextmanager
+def forced_cpu_isa(name):
+    """set_cpu_isa(name) inside the block; the previous setting comes back on exit. The setting is
+    process-wide: do not change it while another thread runs the kernels."""
+    previous = set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        set_cpu_isa(previous)
 
 
 def set_backend(name):
@@ -96,6 +140,11 @@ _env_backend = os.environ.get("SVD_FAST_BACKEND", "auto").strip().lower() or "au
 if _env_backend not in _BACKENDS:
     raise ValueError(f"SVD_FAST_BACKEND must be one of {_BACKENDS}, got {_env_backend!r}")
 set_backend(_env_backend)
+if _NATIVE:
+    try:
+        cpu_isa()  # reads SVD_FAST_CPU_ISA: a bad value fails here, at import, in one line
+    except RuntimeError as err:
+        raise ValueError(str(err).splitlines()[0].removeprefix("svd_fast: ")) from None
 
 
 # ---------------------------------------------------------------------------------------------------

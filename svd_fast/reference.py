@@ -1,14 +1,22 @@
 """Pure-PyTorch reference of the steering math (SPEC.md sections 1-4 and 8).
 
-Written for reading, not speed: it builds [B, V] temporaries freely. It is the correctness oracle the
-fused kernels are tested against, and the fallback when the compiled extension is missing. Inputs are
-already validated by svd_fast.ops; everything is computed in float32.
+Written for reading, not speed: it builds [B, V] temporaries freely. The same code serves twice:
+handed float32, bfloat16 or float16 logits it computes in float32 (the fallback when the compiled
+extension is missing, what svd_fast.ops runs with backend "torch"); handed float64 logits it computes
+in float64, and that is the oracle the fused kernels are tested against (float32 rounding of sums over
+V terms depends on the order of the additions, so a float32 oracle is no more exact than the kernels).
+Inputs are already validated by svd_fast.ops.
 """
 import math
 
 import torch
 
 INF = float("inf")
+
+
+def _upcast(z):
+    """The computation dtype: float64 for float64 logits (the oracle), float32 for everything else."""
+    return z if z.dtype == torch.float64 else z.float()
 
 
 def _bad_rows(za, zb):
@@ -18,8 +26,8 @@ def _bad_rows(za, zb):
 
 
 def steering_vector(z_adapted, z_base):
-    """delta = J g = p_a * (KL(p_a || p_b) - log(p_a / p_b))   (SPEC 1), float32."""
-    za, zb = z_adapted.float(), z_base.float()
+    """delta = J g = p_a * (KL(p_a || p_b) - log(p_a / p_b))   (SPEC 1); float32 (float64 for float64 input)."""
+    za, zb = _upcast(z_adapted), _upcast(z_base)
     log_pa, log_pb = za.log_softmax(-1), zb.log_softmax(-1)
     pa = log_pa.exp()
     live = za > -INF  # p_a > 0
@@ -34,7 +42,7 @@ def steering_vector(z_adapted, z_base):
 
 def keep_mask(z_adapted, alpha):
     """K = {y : p_a(y) >= alpha * max p_a} = {y : z_a(y) >= max z_a + log(alpha)}   (SPEC 2)."""
-    za = z_adapted.float()
+    za = _upcast(z_adapted)
     return za >= za.max(-1, keepdim=True).values + math.log(alpha)
 
 
@@ -43,10 +51,10 @@ def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=-INF):
 
     mu: float, or a tensor with one value per row (za.shape[:-1]); fill: -inf, "keep" or a finite float.
     """
-    za = z_adapted.float()
+    za = _upcast(z_adapted)
     delta = steering_vector(z_adapted, z_base)
     if torch.is_tensor(mu):
-        mu = mu.to(za.device, torch.float32).reshape(*za.shape[:-1], 1)
+        mu = mu.to(za.device, za.dtype).reshape(*za.shape[:-1], 1)
     if fill == "keep":
         masked = za
     elif fill == -INF:
@@ -54,7 +62,7 @@ def steer_logits(z_adapted, z_base, mu, alpha=0.1, fill=-INF):
     else:
         masked = za + mu * fill
     z_hat = torch.where(keep_mask(za, alpha), za + mu * delta, masked)
-    return torch.where(_bad_rows(za, z_base.float()), float("nan"), z_hat)
+    return torch.where(_bad_rows(za, _upcast(z_base)), float("nan"), z_hat)
 
 
 def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100):
@@ -65,12 +73,12 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100)
     False. numerator and norm_sq are mu*'s two terms: 0 on ignored rows, NaN on NaN rows.
     """
     vocab = z_adapted.shape[-1]
-    za = z_adapted.float().reshape(-1, vocab)
-    zb = z_base.float().reshape(-1, vocab)
+    za = _upcast(z_adapted).reshape(-1, vocab)
+    zb = _upcast(z_base).reshape(-1, vocab)
     labels = labels.reshape(-1)
     delta_k = torch.where(keep_mask(za, alpha), steering_vector(za, zb), 0.0)
     target = labels != ignore_index
-    onehot = torch.nn.functional.one_hot(torch.where(target, labels, 0), vocab).float()
+    onehot = torch.nn.functional.one_hot(torch.where(target, labels, 0), vocab).to(za.dtype)
     numerator = ((onehot - za.softmax(-1)) * delta_k).sum(-1)
     norm_sq = (delta_k**2).sum(-1)
     bad = _bad_rows(za, zb).squeeze(-1)

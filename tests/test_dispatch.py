@@ -28,7 +28,7 @@ def op_samples(device):
     ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_opcheck(device):
     for op, args in op_samples(device):
         torch.library.opcheck(op, args)
@@ -69,6 +69,34 @@ def test_ops_inside_torch_compile(backend_name):
 def run_python(code, **env):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
+
+
+def test_cpu_isa_choice():
+    supported = svd_fast.supported_cpu_isas()
+    assert supported[-1] == "baseline" and set(supported) <= {"avx512", "avx2", "baseline"}
+    assert svd_fast.cpu_isa() == supported[0]  # the widest by default
+    for isa in supported:
+        with svd_fast.forced_cpu_isa(isa):
+            assert svd_fast.cpu_isa() == isa
+            with svd_fast.forced_cpu_isa("auto"):
+                assert svd_fast.cpu_isa() == supported[0]
+            assert svd_fast.cpu_isa() == isa
+    assert svd_fast.cpu_isa() == supported[0]
+    with pytest.raises(ValueError, match="cpu isa must be 'auto' or one of"):
+        svd_fast.set_cpu_isa("sse9")
+    for isa in {"avx512", "avx2"} - set(supported):
+        with pytest.raises(ValueError, match=f"this CPU cannot run the {isa} kernels"):
+            svd_fast.set_cpu_isa(isa)
+
+
+def test_cpu_isa_from_environment():
+    code = "import svd_fast; print(svd_fast.cpu_isa())"
+    for isa in svd_fast.supported_cpu_isas():
+        result = run_python(code, SVD_FAST_CPU_ISA=isa)
+        assert result.returncode == 0 and result.stdout.strip() == isa, result.stderr
+    bad = run_python(code, SVD_FAST_CPU_ISA="sse9")
+    assert bad.returncode != 0 and "SVD_FAST_CPU_ISA must be auto, avx512, avx2 or baseline, got 'sse9'" in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("ValueError")
 
 
 def test_backend_from_environment():

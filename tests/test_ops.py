@@ -1,4 +1,6 @@
-"""The compiled kernels against the PyTorch reference, and the reference against SPEC.md itself."""
+"""The compiled kernels against the PyTorch reference evaluated in float64 (the oracle), on every CPU
+ISA path this machine supports and on CUDA; and the reference against SPEC.md itself."""
+import functools
 import math
 
 import pytest
@@ -7,82 +9,80 @@ import torch
 import svd_fast
 from svd_fast import reference
 
-from conftest import DEVICES, DTYPES, backend, random_logits
+from conftest import (CPU_TARGETS, DEVICES, DTYPES, assert_close_rows, assert_delta_matches_oracle,
+                      assert_steered_matches_oracle, assert_token_mu_matches_oracle, backend, delta_oracle, random_logits,
+                      steered_oracle, token_mu_oracle)
 
 INF = float("inf")
 VOCABS = [1, 7, 1000, 32000, 151936, 262144]
 ROWS = [0, 1, 3, 64]
 
 
-def assert_close(actual, expected):
-    """Kernel vs reference. Inputs of every dtype are upcast to float32 on load, so both see the same
-    numbers; what differs is float32 summation order over up to 262k terms and the kernels' exp
-    (~2 ulp). Errors are measured against the output's largest finite magnitude."""
-    finite = expected[torch.isfinite(expected)]
-    scale = float(finite.abs().max()) if finite.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, equal_nan=True)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Native vs reference on fresh random inputs, every op, dtype and size.
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@functools.lru_cache(maxsize=1)
+def oracle_case(rows, vocab, dtype):
+    """Inputs of test_ops_match_reference and the float64 oracle's outputs on them, computed once and
+    shared by every kernel target (the targets of one case run one after the other)."""
+    za, zb = random_logits((rows,), vocab, dtype, seed=rows * 7 + vocab)
+    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab))
+    if rows:
+        labels[0] = -100
+    return (za, zb, labels, delta_oracle(za, zb), steered_oracle(za, zb, 1.7, 0.1),
+            token_mu_oracle(za, zb, labels, alpha=0.1))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("rows", ROWS)
 def test_ops_match_reference(rows, vocab, dtype, device):
-    za, zb = random_logits((rows,), vocab, dtype, device, seed=rows * 7 + vocab)
-    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab)).to(device)
-    if rows:
-        labels[0] = -100
+    za, zb, labels, want_delta, want_steered, want_token_mu = oracle_case(rows, vocab, dtype)
+    za, zb, labels = za.to(device), zb.to(device), labels.to(device)
 
     delta = svd_fast.steering_vector(za, zb)
     assert delta.dtype == torch.float32 and delta.shape == za.shape
-    assert_close(delta, reference.steering_vector(za, zb))
+    assert_close_rows(delta, *want_delta, "steering_vector:")
 
     z_hat = svd_fast.steer_logits(za, zb, mu=1.7, alpha=0.1)
     assert z_hat.dtype == torch.float32 and z_hat.shape == za.shape
-    assert_close(z_hat, reference.steer_logits(za, zb, 1.7, 0.1))
+    expected, atol, skip = want_steered
+    assert_close_rows(z_hat, expected, atol, "steer_logits:", skip)
 
-    mu_star, valid, numerator, norm_sq = svd_fast.token_mu(za, zb, labels, alpha=0.1, return_terms=True)
-    ref_mu, ref_valid, ref_numerator, ref_norm_sq = reference.token_mu(za, zb, labels, alpha=0.1)
-    assert mu_star.shape == valid.shape == numerator.shape == norm_sq.shape == labels.shape
-    assert torch.equal(valid, ref_valid)
-    torch.testing.assert_close(mu_star, ref_mu, rtol=1e-3, atol=1e-4)
-    for got, expected in ((numerator, ref_numerator), (norm_sq, ref_norm_sq)):  # as loose as mu* itself
-        scale = float(expected.abs().max()) if expected.numel() else 1.0
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * scale)
+    terms = svd_fast.token_mu(za, zb, labels, alpha=0.1, return_terms=True)
+    assert all(t.shape == labels.shape for t in terms)
+    assert_token_mu_matches_oracle(terms, za, zb, labels, 0.1, expected=want_token_mu)
     assert len(svd_fast.token_mu(za, zb, labels)) == 2
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha", [1e-4, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("mu", [-3.0, 0.0, 0.25, 8.0])
 @pytest.mark.parametrize("fill", [-INF, "keep", -5.0, 2.0])
 def test_steer_logits_settings(fill, mu, alpha, dtype, device):
     za, zb = random_logits((2, 3), 5000, dtype, device, seed=11)
-    expected = reference.steer_logits(za, zb, mu, alpha, fill)
-    assert_close(svd_fast.steer_logits(za, zb, mu, alpha, fill), expected)
+    assert_steered_matches_oracle(svd_fast.steer_logits(za, zb, mu, alpha, fill), za, zb, mu, alpha, fill)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_leading_dims_and_non_contiguous(device):
     za, zb = random_logits((4, 6), 3001, torch.float32, device, seed=3)
     za_t, zb_t = za.transpose(0, 1), zb.transpose(0, 1)  # [6, 4, V], not contiguous
     assert not za_t.is_contiguous()
-    assert_close(svd_fast.steering_vector(za_t, zb_t), reference.steering_vector(za_t, zb_t))
+    assert_delta_matches_oracle(svd_fast.steering_vector(za_t, zb_t), za_t, zb_t)
     out = svd_fast.steer_logits(za_t, zb_t, 0.5)
     assert out.shape == (6, 4, 3001)
-    assert_close(out, reference.steer_logits(za_t, zb_t, 0.5))
+    assert_steered_matches_oracle(out, za_t, zb_t, 0.5)
     labels = torch.randint(0, 3001, (6, 4), device=device)
-    mu_star, valid = svd_fast.token_mu(za_t, zb_t, labels)
-    assert mu_star.shape == (6, 4)
-    torch.testing.assert_close(mu_star, reference.token_mu(za_t, zb_t, labels)[0], rtol=1e-3, atol=1e-4)
+    terms = svd_fast.token_mu(za_t, zb_t, labels, return_terms=True)
+    assert terms[0].shape == (6, 4)
+    assert_token_mu_matches_oracle(terms, za_t, zb_t, labels, alpha=0.1)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_per_row_mu_equals_row_by_row(device):
     za, zb = random_logits((5,), 4000, torch.bfloat16, device, seed=5)
     mu = torch.tensor([-2.0, 0.0, 0.5, 1.0, 6.0], device=device)
@@ -90,10 +90,10 @@ def test_per_row_mu_equals_row_by_row(device):
     for i in range(5):
         row = svd_fast.steer_logits(za[i : i + 1], zb[i : i + 1], float(mu[i]), fill=-3.0)
         torch.testing.assert_close(batched[i : i + 1], row, rtol=0, atol=0)
-    assert_close(batched, reference.steer_logits(za, zb, mu, fill=-3.0))
+    assert_steered_matches_oracle(batched, za, zb, mu, fill=-3.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_out_buffer_and_in_place(device):
     za, zb = random_logits((3,), 20000, torch.float32, device, seed=8)
     expected = svd_fast.steer_logits(za, zb, 0.8)
@@ -120,7 +120,8 @@ def explicit_delta(za, zb):
 
 @pytest.mark.parametrize("impl", ["native", "torch"])
 @pytest.mark.parametrize("vocab", [2, 7, 50])
-def test_delta_is_jacobian_product(impl, vocab):
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
+def test_delta_is_jacobian_product(impl, device, vocab):
     za, zb = random_logits((4,), vocab, seed=vocab)
     with backend(impl):
         delta = svd_fast.steering_vector(za, zb)
@@ -129,7 +130,8 @@ def test_delta_is_jacobian_product(impl, vocab):
 
 @pytest.mark.parametrize("impl", ["native", "torch"])
 @pytest.mark.parametrize("vocab", [1000, 151936])
-def test_delta_sums_to_zero(impl, vocab):
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
+def test_delta_sums_to_zero(impl, device, vocab):
     za, zb = random_logits((3,), vocab, seed=1)
     with backend(impl):
         delta = svd_fast.steering_vector(za, zb)
@@ -137,7 +139,8 @@ def test_delta_sums_to_zero(impl, vocab):
 
 
 @pytest.mark.parametrize("impl", ["native", "torch"])
-def test_token_mu_matches_spec_formula(impl):
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
+def test_token_mu_matches_spec_formula(impl, device):
     vocab, alpha, eps = 40, 0.3, 1e-12
     za, zb = random_logits((6,), vocab, seed=2, scale=1.0)
     labels = torch.tensor([0, 5, 17, 39, -100, 3])
@@ -157,7 +160,8 @@ def test_token_mu_matches_spec_formula(impl):
         assert math.isclose(float(mu_star[i]), float(expected), rel_tol=1e-3, abs_tol=1e-5)
 
 
-def test_steered_logits_follow_spec_on_a_small_case():
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
+def test_steered_logits_follow_spec_on_a_small_case(device):
     za = torch.tensor([[2.0, 1.9, 0.0, -3.0, 1.0]])
     zb = torch.tensor([[1.0, 2.0, 0.5, -1.0, 0.0]])
     mu, alpha = 2.5, 0.5
@@ -174,7 +178,7 @@ def test_steered_logits_follow_spec_on_a_small_case():
 IMPLS = ["native", "torch"]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_neg_inf_tokens_stay_masked(dtype, impl, device):
@@ -188,10 +192,10 @@ def test_masked_neg_inf_tokens_stay_masked(dtype, impl, device):
                 assert torch.all(z_hat[:, ::3] == -INF)
     assert torch.all(delta[:, ::3] == 0)
     assert torch.isfinite(delta).all()
-    assert_close(delta, reference.steering_vector(za, zb))
+    assert_delta_matches_oracle(delta, za, zb)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_base_ruling_out_an_adapted_token_leaves_row_unsteered(impl, device):
     za, zb = random_logits((3,), 500, torch.float32, device, seed=6)
@@ -206,14 +210,13 @@ def test_base_ruling_out_an_adapted_token_leaves_row_unsteered(impl, device):
     assert valid.tolist() == [True, False, True] and mu_star[1] == 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("poison", [float("nan"), INF])
 @pytest.mark.parametrize("where", ["adapted", "base"])
 def test_nan_row_is_nan_and_other_rows_unaffected(where, poison, impl, device):
     za, zb = random_logits((4,), 3000, torch.float32, device, seed=9)
-    clean_delta = reference.steering_vector(za, zb)
-    clean_steer = reference.steer_logits(za, zb, 1.0)
+    clean = za.clone(), zb.clone()
     (za if where == "adapted" else zb)[2, 123] = poison
     labels = torch.tensor([5, 6, 7, -100], device=device)
     with backend(impl):
@@ -223,11 +226,11 @@ def test_nan_row_is_nan_and_other_rows_unaffected(where, poison, impl, device):
     assert torch.isnan(delta[2]).all() and torch.isnan(z_hat[2]).all()
     assert torch.isnan(mu_star[2]) and not valid[2]
     keep_rows = [0, 1, 3]
-    assert_close(delta[keep_rows], clean_delta[keep_rows])
-    assert_close(z_hat[keep_rows], clean_steer[keep_rows])
+    assert_delta_matches_oracle(delta[keep_rows], clean[0][keep_rows], clean[1][keep_rows])
+    assert_steered_matches_oracle(z_hat[keep_rows], clean[0][keep_rows], clean[1][keep_rows], 1.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_single_finite_entry_and_vocab_of_one(impl, device):
     za = torch.full((2, 9), -INF, device=device)
@@ -244,7 +247,7 @@ def test_single_finite_entry_and_vocab_of_one(impl, device):
     assert one.tolist() == [[3.0]] and one_delta.tolist() == [[0.0]]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_all_equal_logits(impl, device):
     za = torch.full((2, 64), 0.25, device=device)
@@ -254,18 +257,18 @@ def test_all_equal_logits(impl, device):
         z_hat = svd_fast.steer_logits(za, zb, 2.0, alpha=1.0)
     assert torch.all(same.abs() < 1e-9)
     assert torch.isfinite(z_hat).all()  # all tied with the top: all kept even at alpha = 1
-    assert_close(z_hat, reference.steer_logits(za, zb, 2.0, alpha=1.0))
+    assert_steered_matches_oracle(z_hat, za, zb, 2.0, alpha=1.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_huge_magnitudes(dtype, device):
     za, zb = random_logits((3,), 32000, dtype, device, seed=12, scale=1e4)
-    assert_close(svd_fast.steering_vector(za, zb), reference.steering_vector(za, zb))
-    assert_close(svd_fast.steer_logits(za, zb, 0.7), reference.steer_logits(za, zb, 0.7))
+    assert_delta_matches_oracle(svd_fast.steering_vector(za, zb), za, zb)
+    assert_steered_matches_oracle(svd_fast.steer_logits(za, zb, 0.7), za, zb, 0.7)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_alpha_one_keeps_only_the_top_token(impl, device):
     za, zb = random_logits((5,), 10000, torch.float32, device, seed=13)
@@ -276,7 +279,7 @@ def test_alpha_one_keeps_only_the_top_token(impl, device):
     assert torch.equal(finite.float().argmax(-1), za.argmax(-1))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mu_zero_keeps_kept_tokens_unchanged(dtype, impl, device):
@@ -289,7 +292,7 @@ def test_mu_zero_keeps_kept_tokens_unchanged(dtype, impl, device):
     assert torch.equal(kept, za.float())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_negative_mu_moves_against_delta(device):
     za, zb = random_logits((2,), 2000, torch.float32, device, seed=15)
     delta = svd_fast.steering_vector(za, zb)
@@ -300,7 +303,7 @@ def test_negative_mu_moves_against_delta(device):
     assert torch.all(moved[~keep] == 0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_empty_batch(device):
     za, zb = random_logits((0,), 50, torch.float32, device)
     assert svd_fast.steering_vector(za, zb).shape == (0, 50)

@@ -1,9 +1,6 @@
 """small_batch_linear (the few-row CPU linear kernel) against F.linear, and the cpu_decode context
 manager that routes a model's frozen linears to it."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 import svd_fast
 from svd_fast.cpu_decode import small_batch_linears
 
-from conftest import backend
+from conftest import CPU_TARGETS, backend
 from hf_models import tiny_model
 
 OP = torch.ops.svd_fast.small_batch_linear.default
@@ -41,15 +38,18 @@ def cpu_flags():
 AMX = "amx_bf16" in cpu_flags()
 
 
-def kernel_runs(x, w):
+def kernel_runs(x, w, forced=False):
+    """Whether the kernel (not at::linear) computes this call. A forced ISA runs bf16 with more than 4 rows
+    too; the baseline ISA never runs the kernel."""
     rows = math.prod(x.shape[:-1])
-    return 1 <= rows <= (4 if w.dtype == torch.bfloat16 and AMX else 16)
+    return svd_fast.cpu_isa() != "baseline" and 1 <= rows <= (4 if w.dtype == torch.bfloat16 and AMX and not forced
+                                                              else 16)
 
 
-def assert_matches_linear(y, x, w, b):
+def assert_matches_linear(y, x, w, b, forced=False):
     """The kernel: F.linear in float32, rounded once to the weights' dtype (bf16 too); elsewhere
-    at::linear itself."""
-    if not kernel_runs(x, w):
+    at::linear itself, bit for bit."""
+    if not kernel_runs(x, w, forced):
         assert torch.equal(y, F.linear(x, w, b))
         return
     expected = F.linear(x.float(), w.float(), None if b is None else b.float()).to(w.dtype)
@@ -60,20 +60,24 @@ def assert_matches_linear(y, x, w, b):
     torch.testing.assert_close(y, expected, rtol=rtol, atol=1e-5 * max(1.0, w.shape[1] ** 0.5))
 
 
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("in_features", INS)
-def test_matches_linear_for_every_row_count(in_features, dtype):
+def test_matches_linear_for_every_row_count(in_features, dtype, device):
+    """On every ISA path this CPU supports (forced), and once more with the automatic choice."""
     for out_features in OUTS:
         for rows in ROWS:
             for bias in (True, False):
                 x, w, b = random_linear((rows,), in_features, out_features, dtype, bias,
                                         seed=in_features * 1000 + out_features * 20 + rows)
-                assert_matches_linear(OP(x, w, b), x, w, b)
-                assert_matches_linear(svd_fast.small_batch_linear(x, w, b), x, w, b)
+                assert_matches_linear(OP(x, w, b), x, w, b, forced=True)
+                with svd_fast.forced_cpu_isa("auto"):
+                    assert_matches_linear(svd_fast.small_batch_linear(x, w, b), x, w, b)
 
 
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_leading_dims_and_non_contiguous_x(dtype):
+def test_leading_dims_and_non_contiguous_x(dtype, device):
     _, w, b = random_linear((1,), 577, 1537, dtype, seed=1)
     g = torch.Generator().manual_seed(2)
     big = torch.randn(4, 2, 3, 1200, generator=g).to(dtype)
@@ -87,7 +91,7 @@ def test_leading_dims_and_non_contiguous_x(dtype):
     for x in cases:
         y = OP(x, w, b)
         assert y.shape == (*x.shape[:-1], 1537)
-        assert_matches_linear(y, x, w, b)
+        assert_matches_linear(y, x, w, b, forced=True)
 
 
 def test_bf16_runs_the_kernel_up_to_4_rows_on_amx_cpus():
@@ -147,50 +151,6 @@ def test_python_face_checks_and_backends():
     y = svd_fast.small_batch_linear(x_grad, w, b)  # the op has no backward: F.linear runs
     y.sum().backward()
     torch.testing.assert_close(x_grad.grad, w.sum(0).expand(2, 33))
-
-
-ISA_SCRIPT = """
-import torch, torch.nn.functional as F
-import svd_fast
-print(torch.ops.svd_fast.small_batch_linear_isa())
-g = torch.Generator().manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16):
-    for in_f, out_f, rows in ((7, 13, 1), (577, 1537, 2), (33, 1, 16), (1536, 64, 5)):
-        x = torch.randn(rows, in_f, generator=g).to(dtype)
-        w = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(dtype)
-        b = torch.randn(out_f, generator=g).to(dtype)
-        y = svd_fast.small_batch_linear(x, w, b)
-        print(int(torch.equal(y, F.linear(x, w, b))), end=" ")
-        expected = F.linear(x.float(), w.float(), b.float()).to(dtype)
-        torch.testing.assert_close(y, expected, rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-3)
-"""
-
-
-def run_isa_script(isa):
-    return subprocess.run([sys.executable, "-c", ISA_SCRIPT], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SVD_FAST_SMALL_LINEAR_ISA": isa})
-
-
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
-def test_each_isa_when_forced(isa):
-    # A forced ISA also runs bf16 with more than 4 rows, which AMX CPUs leave to at::linear by default.
-    result = run_isa_script(isa)
-    assert result.returncode == 0, result.stderr
-    ran = result.stdout.split()[0]
-    assert ran in ("avx512", "avx2", "none")[("avx512", "avx2").index(isa):]  # lower on CPUs without it
-
-
-def test_fallback_without_avx2_is_at_linear():
-    # What a CPU without AVX2 + FMA runs: at::linear, bit for bit.
-    result = run_isa_script("none")
-    assert result.returncode == 0, result.stderr
-    isa, *equal = result.stdout.split()
-    assert isa == "none" and equal == ["1"] * 8
-
-
-def test_unknown_isa_setting_is_an_error():
-    result = run_isa_script("sse9")
-    assert result.returncode != 0 and "SVD_FAST_SMALL_LINEAR_ISA must be auto, avx512, avx2 or none" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
