@@ -5,7 +5,6 @@ kernel (called as small_batch_linears() calls it) at M = 1, 2 and 8 rows, 2 thre
     python benchmarks/bench_linear.py benchmarks/results/linear-cpu.json     # the ratio table
 """
 import json
-import platform
 import sys
 from collections import defaultdict
 
@@ -13,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import svd_fast  # noqa: F401  (registers torch.ops.svd_fast)
+import svd_fast
+
+from machine import describe
 
 THREADS = 2
 SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # [out, in]: SmolLM2-135M's MLP up, down and LM head
@@ -33,8 +34,8 @@ def test_linear(benchmark, out_features, in_features, dtype, rows, impl):
     fn = (lambda: F.linear(x, w)) if impl == "stock" else (lambda: op(x, w, None))  # noqa: E731
     benchmark.group = f"linear {out_features}x{in_features} {dtype}"
     benchmark.extra_info.update(out=out_features, inp=in_features, dtype=dtype, rows=rows, impl=impl,
-                                isa=torch.ops.svd_fast.small_batch_linear_isa(), threads=torch.get_num_threads(),
-                                machine=platform.processor() or platform.machine(), torch=torch.__version__)
+                                isa=svd_fast.cpu_isa(), threads=torch.get_num_threads(), machine=describe(),
+                                torch=torch.__version__)
     benchmark(fn)
 
 
@@ -46,8 +47,7 @@ def report(path):
         info = bench["extra_info"]
         cells[(info["out"], info["inp"], info["dtype"])][(info["impl"], info["rows"])] = bench["stats"]["median"] * 1e6
     info = data["benchmarks"][0]["extra_info"]
-    print(f"Median latency in us, {info['machine']}, {info['threads']} threads, kernel ISA {info['isa']}, "
-          f"torch {info['torch']}; one run, side by side.\n")
+    print(f"Median latency in us, {info['machine']}, kernel ISA {info['isa']}; one run, side by side.\n")
     print("| weight [out, in] | dtype | stock M=1 | stock M=2 | stock M=8 | kernel M=1 | kernel M=2 | kernel M=8 "
           "| kernel M=2 / stock M=1 | kernel M=1 / stock M=1 | kernel M=8 / stock M=8 |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -1,10 +1,17 @@
-"""Op latency, side by side in one run: compiled kernels vs the PyTorch reference (eager and under
-torch.compile), with a read-two-write-one floor, torch.add(a, b, out=c), on the same shapes.
+"""Op latency, side by side in one run: the compiled kernels (on every CPU ISA path this CPU supports)
+vs the PyTorch reference (eager and under torch.compile), with two yardsticks on the same shapes: the
+copy floor, torch.add(a, b, out=c) (read two rows, write one), and the exp bound, pass 1's two exps per
+element alone, vectorized and threaded as the kernel is (torch.ops.svd_fast.exp_throughput_bound). With
+two exps per element the CPU op is compute-bound on few cores, so the exp bound is its yardstick there.
 
     python -m pytest benchmarks/bench_ops.py --benchmark-json=benchmarks/results/ops-cpu.json
     python benchmarks/report.py benchmarks/results/ops-cpu.json
+
+test_interleaved_rounds times the target cell's contenders in turn within each round (the order rotates
+from round to round), so a drifting machine hits them alike; report.py prints its medians and the
+median of the per-round ratios.
 """
-import platform
+import time
 
 import pytest
 import torch
@@ -12,22 +19,21 @@ import torch
 import svd_fast
 from svd_fast import reference
 
+from machine import describe
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHAPES = [(rows, vocab) for rows in (1, 8, 64) for vocab in (32000, 151936, 262144)]
-IMPLS = ["native", "reference", "reference_compiled", "floor"]
+ISAS = svd_fast.supported_cpu_isas()[:2] if DEVICE == "cpu" else []  # the vector paths (baseline: a fallback)
+IMPLS = ([f"native-{isa}" for isa in ISAS] or ["native"]) + ["reference", "reference_compiled", "floor"] + [
+    f"exp_bound-{isa}" for isa in ISAS]
+ROUNDS, CALLS = 15, 21
 
 _dynamo_config = torch._dynamo.config
 if hasattr(_dynamo_config, "recompile_limit"):
     _dynamo_config.recompile_limit = 256
 else:
     _dynamo_config.cache_size_limit = 256
-
-
-def machine():
-    if DEVICE == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def logits(rows, vocab, dtype):
@@ -49,10 +55,39 @@ def synced(fn):
     return run
 
 
+def with_isa(isa, fn):
+    """fn run with the CPU kernels' ISA forced to isa (None: as they are)."""
+    if isa is None:
+        return fn
+
+    def run():
+        with svd_fast.forced_cpu_isa(isa):
+            return fn()
+
+    return run
+
+
+def steer_contender(impl, za, zb, out):
+    """The call timed for one implementation of steer_logits (every one writes a fresh or given buffer)."""
+    kind, _, isa = impl.partition("-")
+    if kind == "native":
+        svd_fast.set_backend("native")
+        return with_isa(isa or None, lambda: svd_fast.steer_logits(za, zb, 0.5))
+    if kind == "reference":
+        return lambda: reference.steer_logits(za, zb, 0.5)
+    if kind == "reference_compiled":
+        compiled = torch.compile(reference.steer_logits, dynamic=False)
+        compiled(za, zb, 0.5)
+        return lambda: compiled(za, zb, 0.5)
+    if kind == "exp_bound":
+        return with_isa(isa, lambda: torch.ops.svd_fast.exp_throughput_bound(za, zb))
+    return lambda: torch.add(za, zb, out=out)
+
+
 def record(benchmark, op, rows, vocab, dtype, impl):
     benchmark.group = f"{op} {rows}x{vocab} {dtype}"
     benchmark.extra_info.update(op=op, rows=rows, vocab=vocab, dtype=dtype, impl=impl, device=DEVICE,
-                                machine=machine(), torch=torch.__version__)
+                                machine=describe(DEVICE), torch=torch.__version__)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -61,19 +96,39 @@ def record(benchmark, op, rows, vocab, dtype, impl):
 def test_steer_logits(benchmark, rows, vocab, dtype, impl):
     za, zb = logits(rows, vocab, DTYPES[dtype])
     out = torch.empty(za.shape, dtype=torch.float32, device=DEVICE)
-    if impl == "native":
-        svd_fast.set_backend("native")
-        fn = lambda: svd_fast.steer_logits(za, zb, 0.5)  # noqa: E731
-    elif impl == "reference":
-        fn = lambda: reference.steer_logits(za, zb, 0.5)  # noqa: E731
-    elif impl == "reference_compiled":
-        compiled = torch.compile(reference.steer_logits, dynamic=False)
-        fn = lambda: compiled(za, zb, 0.5)  # noqa: E731
-        fn()
-    else:
-        fn = lambda: torch.add(za, zb, out=out)  # noqa: E731
+    fn = steer_contender(impl, za, zb, out)
     record(benchmark, "steer_logits", rows, vocab, dtype, impl)
     benchmark(synced(fn))
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the rounds compare CPU ISA paths")
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_interleaved_rounds(benchmark, dtype):
+    """The target cell, B = 8, V = 151936: every contender once per round, the order rotating."""
+    rows, vocab = 8, 151936
+    za, zb = logits(rows, vocab, DTYPES[dtype])
+    out = torch.empty(za.shape, dtype=torch.float32)
+    contenders = {impl: steer_contender(impl, za, zb, out) for impl in IMPLS if impl != "reference"}
+    names = list(contenders)
+    times = {name: [] for name in names}
+    for r in range(ROUNDS):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = contenders[name]
+            fn()
+            samples = []
+            for _ in range(CALLS):
+                start = time.perf_counter()
+                fn()
+                samples.append(time.perf_counter() - start)
+            times[name].append(_median(samples) * 1e3)
+    record(benchmark, "steer_logits (interleaved rounds)", rows, vocab, dtype, "rounds")
+    benchmark.extra_info["rounds_ms"] = times
+    benchmark.pedantic(contenders[names[0]], rounds=3, iterations=1)
 
 
 @pytest.mark.parametrize("impl", ["native", "reference"])

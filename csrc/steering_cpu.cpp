@@ -18,19 +18,10 @@ namespace svd_fast {
 namespace {
 
 constexpr int64_t kBlock = 1024;      // elements handled at a time, as float32 (8 KiB for two rows)
-constexpr int64_t kMinChunk = 16384;  // smallest vocabulary chunk worth a task of its own
-constexpr int64_t kAlign = 16;        // chunk boundaries, in elements (one AVX-512 vector)
+constexpr int64_t kMinChunk = 16384;  // smallest vocabulary chunk worth a task of its own; chunks are whole blocks
 
 SVD_HD
-float block_max(const float* __restrict a, int64_t n) {
-  float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = max_ignoring_nan(m, a[i]);
-  return m;
-}
-
-SVD_HD
-RowStats block_stats(const float* __restrict a, const float* __restrict b, int64_t n) {
+RowStats block_stats_two_loops(const float* __restrict a, const float* __restrict b, int64_t n) {
   float max_a = -kInf, max_b = -kInf;
   uint32_t flags = 0;
 #pragma omp simd reduction(max : max_a, max_b) reduction(| : flags)
@@ -50,6 +41,48 @@ RowStats block_stats(const float* __restrict a, const float* __restrict b, int64
   return RowStats{max_a, sum_a, max_b, sum_b, cross, flags};
 }
 
+// A block's statistics, merged into those of the blocks before it (`running`), and the block's own
+// largest z_a (for pass 2).
+struct BlockStats {
+  RowStats merged;
+  float max_a;
+};
+
+// Larger leads of a block's maximum over the running one are measured again from the block's own: exp of
+// up to 60 stays far from float32 overflow, also summed over a block and times |z_a - z_b|.
+constexpr float kMaxLead = 60.0f;
+
+// One loop per block: the maxima, the flags and the sums together, the exps measured from the running
+// maxima of the blocks before (so the block is read once, its loads overlapping the exps), then rescaled
+// to the new maxima. A block with no running maxima yet takes two loops (maxima first).
+SVD_HD
+BlockStats block_stats(const float* __restrict a, const float* __restrict b, int64_t n, RowStats running) {
+  const float ref_a = running.max_a, ref_b = running.max_b;
+  if (ref_a == -kInf || ref_b == -kInf) {
+    const RowStats s = block_stats_two_loops(a, b, n);
+    return BlockStats{merge(running, s), s.max_a};
+  }
+  float max_a = -kInf, max_b = -kInf, sum_a = 0.0f, sum_b = 0.0f, cross = 0.0f;
+  uint32_t flags = 0;
+#pragma omp simd reduction(max : max_a, max_b) reduction(| : flags) reduction(+ : sum_a, sum_b, cross)
+  for (int64_t i = 0; i < n; ++i) {
+    max_a = max_ignoring_nan(max_a, a[i]);
+    max_b = max_ignoring_nan(max_b, b[i]);
+    flags |= element_flags(a[i], b[i]);
+    const ElementTerms t = element_terms(a[i], b[i], ref_a, ref_b);
+    sum_a += t.exp_a;
+    sum_b += t.exp_b;
+    cross += t.cross;
+  }
+  if (!(max_a <= ref_a + kMaxLead && max_b <= ref_b + kMaxLead)) {
+    const RowStats s = block_stats_two_loops(a, b, n);
+    return BlockStats{merge(running, s), s.max_a};
+  }
+  const RowStats s = rescale(RowStats{ref_a, sum_a, ref_b, sum_b, cross, flags}, ref_a > max_a ? ref_a : max_a,
+                             ref_b > max_b ? ref_b : max_b);
+  return BlockStats{merge(running, s), max_a};
+}
+
 SVD_HD
 void block_delta(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r,
                  float* __restrict out) {
@@ -60,22 +93,23 @@ void block_delta(const float* __restrict a, const float* __restrict b, int64_t n
   }
 }
 
-// Kept tokens are few (alpha = 0.1 keeps those within log(10) of the top logit), so a block whose
-// largest logit is below the keep threshold skips the exp and is written as fill directly.
+// Only blocks holding a kept token come here (see write_rows); the others are written as fill.
 SVD_HD
 void block_steer(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r, float mu,
                  FillRule fill, float* __restrict out) {
-  if (!is_kept(block_max(a, n), r)) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) out[i] = steered_logit(a[i], 0.0f, false, mu, fill);
-    return;
-  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     float p_a;
     const float d = steering_delta(a[i], b[i], r, p_a);
     out[i] = steered_logit(a[i], d, is_kept(a[i], r), mu, fill);
   }
+}
+
+// A block with no kept token under a finite fill: z_a + add ("keep": add = 0).
+SVD_HD
+void block_fill(const float* __restrict a, int64_t n, float add, float* __restrict out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + add;
 }
 
 struct KeptSums {
@@ -85,7 +119,6 @@ struct KeptSums {
 SVD_HD
 KeptSums block_kept_sums(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r) {
   float pa_dot_delta = 0.0f, delta_sq = 0.0f;
-  if (!is_kept(block_max(a, n), r)) return KeptSums{0.0f, 0.0f};
 #pragma omp simd reduction(+ : pa_dot_delta, delta_sq)
   for (int64_t i = 0; i < n; ++i) {
     float p_a;
@@ -125,9 +158,10 @@ float block_exp_sum(const float* __restrict a, const float* __restrict b, int64_
 
 // The block loops of one ISA.
 struct BlockKernels {
-  RowStats (*stats)(const float*, const float*, int64_t);
+  BlockStats (*stats)(const float*, const float*, int64_t, RowStats);
   void (*delta)(const float*, const float*, int64_t, RowSummary, float*);
   void (*steer)(const float*, const float*, int64_t, RowSummary, float, FillRule, float*);
+  void (*fill)(const float*, int64_t, float, float*);
   KeptSums (*kept_sums)(const float*, const float*, int64_t, RowSummary);
   void (*widen_bf16)(const c10::BFloat16*, int64_t, float*);
   void (*widen_half)(const c10::Half*, int64_t, float*);
@@ -136,7 +170,9 @@ struct BlockKernels {
 
 // Entry points that inline the loops above, compiled with the given target attribute.
 #define SVD_BLOCK_KERNELS(NAME, TARGET)                                                                          \
-  TARGET RowStats NAME##_stats(const float* a, const float* b, int64_t n) { return block_stats(a, b, n); }        \
+  TARGET BlockStats NAME##_stats(const float* a, const float* b, int64_t n, RowStats s) {                        \
+    return block_stats(a, b, n, s);                                                                               \
+  }                                                                                                               \
   TARGET void NAME##_delta(const float* a, const float* b, int64_t n, RowSummary r, float* o) {                  \
     block_delta(a, b, n, r, o);                                                                                   \
   }                                                                                                               \
@@ -144,14 +180,16 @@ struct BlockKernels {
                            float* o) {                                                                            \
     block_steer(a, b, n, r, mu, f, o);                                                                            \
   }                                                                                                               \
+  TARGET void NAME##_fill(const float* a, int64_t n, float add, float* o) { block_fill(a, n, add, o); }           \
   TARGET KeptSums NAME##_kept_sums(const float* a, const float* b, int64_t n, RowSummary r) {                    \
     return block_kept_sums(a, b, n, r);                                                                           \
   }                                                                                                               \
   TARGET void NAME##_widen_bf16(const c10::BFloat16* in, int64_t n, float* o) { widen(in, n, o); }                \
   TARGET void NAME##_widen_half(const c10::Half* in, int64_t n, float* o) { widen(in, n, o); }                    \
   TARGET float NAME##_exp_sum(const float* a, const float* b, int64_t n) { return block_exp_sum(a, b, n); }       \
-  const BlockKernels NAME##_kernels{&NAME##_stats,      &NAME##_delta,      &NAME##_steer, &NAME##_kept_sums,     \
-                                    &NAME##_widen_bf16, &NAME##_widen_half, &NAME##_exp_sum};
+  const BlockKernels NAME##_kernels{&NAME##_stats,     &NAME##_delta,      &NAME##_steer,                          \
+                                    &NAME##_fill,      &NAME##_kept_sums,  &NAME##_widen_bf16,                     \
+                                    &NAME##_widen_half, &NAME##_exp_sum};
 
 SVD_BLOCK_KERNELS(baseline, )
 #ifdef SVD_X86_TARGETS
@@ -198,34 +236,68 @@ void for_each_chunk(int64_t rows, int64_t vocab, const SplitPlan& plan, Fn&& fn)
   });
 }
 
-// Pass 1 of every op: one RowStats per (row, chunk), and each row's summary from them.
+// One block of a row: its raw logits, converted to float32 when first asked for.
 template <typename T>
-std::vector<RowSummary> row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
-                                      const SplitPlan& plan, float log_alpha) {
-  std::vector<RowStats> partial(rows * plan.splits);
+struct Block {
+  const BlockKernels& k;
+  const T *za, *zb;  // the block's first element in each input
+  int64_t n;
+  float *buf_a, *buf_b;
+  bool copy;  // float32 too goes through the buffers (the output overwrites an input)
+  const float* a() const { return load_block(k, za, n, buf_a, copy); }
+  const float* b() const { return load_block(k, zb, n, buf_b, copy); }
+};
+
+// Runs fn(task, row, Block) over the blocks of every chunk of the plan, in parallel.
+template <typename T, typename Fn>
+void for_each_block(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+                    const SplitPlan& plan, bool copy, Fn&& fn) {
   for_each_chunk(rows, vocab, plan, [&](int64_t task, int64_t row, int64_t lo, int64_t hi) {
     float buf_a[kBlock], buf_b[kBlock];
-    RowStats s = empty_stats();
     for (int64_t off = row * vocab + lo; off < row * vocab + hi; off += kBlock) {
-      const int64_t n = std::min(kBlock, row * vocab + hi - off);
-      s = merge(s, k.stats(load_block(k, za + off, n, buf_a), load_block(k, zb + off, n, buf_b), n));
+      fn(task, row, off, Block<T>{k, za + off, zb + off, std::min(kBlock, row * vocab + hi - off), buf_a, buf_b, copy});
     }
-    partial[task] = s;
   });
-  std::vector<RowSummary> summary(rows);
+}
+
+// What pass 1 leaves for pass 2: each row's summary, and the largest z_a of every block, so that pass 2
+// can tell a block without kept tokens (most of them: alpha = 0.1 keeps the tokens within log(10) of the
+// top logit) without reading it again.
+struct Pass1 {
+  std::vector<RowSummary> summary;
+  std::vector<float> block_max_a;  // [rows, blocks_per_row]
+  int64_t blocks_per_row;
+  bool any_kept(int64_t row, int64_t off, int64_t vocab) const {
+    return is_kept(block_max_a[row * blocks_per_row + (off - row * vocab) / kBlock], summary[row]);
+  }
+};
+
+// Pass 1 of every op: one RowStats per block, merged per (row, chunk), then per row.
+template <typename T>
+Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+                    const SplitPlan& plan, float log_alpha) {
+  Pass1 result{std::vector<RowSummary>(rows), {}, ceil_div(vocab, kBlock)};
+  result.block_max_a.resize(rows * result.blocks_per_row);
+  std::vector<RowStats> partial(rows * plan.splits, empty_stats());
+  for_each_block(k, za, zb, rows, vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+    const BlockStats s = k.stats(blk.a(), blk.b(), blk.n, partial[task]);
+    result.block_max_a[row * result.blocks_per_row + (off - row * vocab) / kBlock] = s.max_a;
+    partial[task] = s.merged;
+  });
   for (int64_t row = 0; row < rows; ++row) {
     RowStats s = empty_stats();
     for (int64_t split = 0; split < plan.splits; ++split) s = merge(s, partial[row * plan.splits + split]);
-    summary[row] = finalize(s, log_alpha);
+    result.summary[row] = finalize(s, log_alpha);
   }
-  return summary;
+  return result;
 }
 
 SplitPlan cpu_plan(int64_t rows, int64_t vocab) {
-  return plan_splits(rows, vocab, 2 * at::get_num_threads(), kMinChunk, kAlign);
+  return plan_splits(rows, vocab, 2 * at::get_num_threads(), kMinChunk, kBlock);
 }
 
-// Pass 2 for the ops with a [rows, V] float output: block_fn(kernels, a, b, n, summary, row, out).
+// Both passes for the ops with a [rows, V] float output: pass 2 calls
+// block_fn(block, summary, any_kept, row, out) for each block of a row that is not NaN.
 template <typename BlockFn>
 void write_rows(const LogitRows& x, float log_alpha, float* out, BlockFn&& block_fn) {
   if (x.rows == 0) return;
@@ -235,31 +307,27 @@ void write_rows(const LogitRows& x, float log_alpha, float* out, BlockFn&& block
     using T = decltype(tag);
     const T* za = x.z_a.const_data_ptr<T>();
     const T* zb = x.z_b.const_data_ptr<T>();
-    const auto summary = row_summaries(k, za, zb, x.rows, x.vocab, plan, log_alpha);
+    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, log_alpha);
     const bool out_aliases_input = static_cast<const void*>(out) == static_cast<const void*>(za) ||
                                    static_cast<const void*>(out) == static_cast<const void*>(zb);
-    for_each_chunk(x.rows, x.vocab, plan, [&](int64_t, int64_t row, int64_t lo, int64_t hi) {
-      float buf_a[kBlock], buf_b[kBlock];
-      const RowSummary& r = summary[row];
-      for (int64_t off = row * x.vocab + lo; off < row * x.vocab + hi; off += kBlock) {
-        const int64_t n = std::min(kBlock, row * x.vocab + hi - off);
-        if (r.bad) {
-          std::fill(out + off, out + off + n, kNaN);
-          continue;
-        }
-        block_fn(k, load_block(k, za + off, n, buf_a, out_aliases_input),
-                 load_block(k, zb + off, n, buf_b, out_aliases_input), n, r, row, out + off);
-      }
-    });
+    for_each_block(k, za, zb, x.rows, x.vocab, plan, out_aliases_input,
+                   [&](int64_t, int64_t row, int64_t off, const Block<T>& blk) {
+                     const RowSummary& r = pass1.summary[row];
+                     if (r.bad) {
+                       std::fill(out + off, out + off + blk.n, kNaN);
+                     } else {
+                       block_fn(blk, r, pass1.any_kept(row, off, x.vocab), row, out + off);
+                     }
+                   });
   });
 }
 
 at::Tensor steering_vector_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
-  write_rows(x, 0.0f, out.data_ptr<float>(),
-             [](const BlockKernels& k, const float* a, const float* b, int64_t n, const RowSummary& r, int64_t,
-                float* o) { k.delta(a, b, n, r, o); });
+  write_rows(x, 0.0f, out.data_ptr<float>(), [](const auto& blk, const RowSummary& r, bool, int64_t, float* o) {
+    blk.k.delta(blk.a(), blk.b(), blk.n, r, o);
+  });
   return out;
 }
 
@@ -270,10 +338,16 @@ void steer_logits_out_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
   check_steer_args(x, mu_rows, out);
   const float* mu_of_row = mu_rows.has_value() ? mu_rows->const_data_ptr<float>() : nullptr;
   write_rows(x, static_cast<float>(log_alpha), out.data_ptr<float>(),
-             [&](const BlockKernels& k, const float* a, const float* b, int64_t n, const RowSummary& r, int64_t row,
-                 float* o) {
+             [&](const auto& blk, const RowSummary& r, bool any_kept, int64_t row, float* o) {
                const float row_mu = mu_of_row ? mu_of_row[row] : static_cast<float>(mu);
-               k.steer(a, b, n, r, row_mu, fill_rule(fill_mode, row_mu, static_cast<float>(fill_value)), o);
+               const FillRule fill = fill_rule(fill_mode, row_mu, static_cast<float>(fill_value));
+               if (any_kept) {
+                 blk.k.steer(blk.a(), blk.b(), blk.n, r, row_mu, fill, o);
+               } else if (fill.neg_inf) {
+                 std::fill(o, o + blk.n, -kInf);  // nothing to read
+               } else {
+                 blk.k.fill(blk.a(), blk.n, fill.add, o);
+               }
              });
 }
 
@@ -294,19 +368,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
     using T = decltype(tag);
     const T* za = x.z_a.const_data_ptr<T>();
     const T* zb = x.z_b.const_data_ptr<T>();
-    const auto summary = row_summaries(k, za, zb, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
-    std::vector<KeptSums> partial(x.rows * plan.splits);
-    for_each_chunk(x.rows, x.vocab, plan, [&](int64_t task, int64_t row, int64_t lo, int64_t hi) {
-      float buf_a[kBlock], buf_b[kBlock];
-      KeptSums s{0.0f, 0.0f};
-      for (int64_t off = row * x.vocab + lo; off < row * x.vocab + hi; off += kBlock) {
-        const int64_t n = std::min(kBlock, row * x.vocab + hi - off);
-        const KeptSums block = k.kept_sums(load_block(k, za + off, n, buf_a), load_block(k, zb + off, n, buf_b), n,
-                                           summary[row]);
-        s.pa_dot_delta += block.pa_dot_delta;
-        s.delta_sq += block.delta_sq;
-      }
-      partial[task] = s;
+    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
+    const auto& summary = pass1.summary;
+    std::vector<KeptSums> partial(x.rows * plan.splits, KeptSums{0.0f, 0.0f});
+    for_each_block(k, za, zb, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+      if (!pass1.any_kept(row, off, x.vocab)) return;
+      const KeptSums block = k.kept_sums(blk.a(), blk.b(), blk.n, summary[row]);
+      partial[task].pa_dot_delta += block.pa_dot_delta;
+      partial[task].delta_sq += block.delta_sq;
     });
     for (int64_t row = 0; row < x.rows; ++row) {
       const RowSummary& r = summary[row];
@@ -331,19 +400,13 @@ at::Tensor exp_throughput_bound_cpu(const at::Tensor& z_adapted, const at::Tenso
   const LogitRows x = flatten_logits(z_adapted, z_base);
   const BlockKernels& k = block_kernels();
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
-  std::vector<float> partial(x.rows * plan.splits);
+  std::vector<float> partial(x.rows * plan.splits, 0.0f);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
-    for_each_chunk(x.rows, x.vocab, plan, [&](int64_t task, int64_t row, int64_t lo, int64_t hi) {
-      float buf_a[kBlock], buf_b[kBlock], sum = 0.0f;
-      for (int64_t off = row * x.vocab + lo; off < row * x.vocab + hi; off += kBlock) {
-        const int64_t n = std::min(kBlock, row * x.vocab + hi - off);
-        sum += k.exp_sum(load_block(k, za + off, n, buf_a), load_block(k, zb + off, n, buf_b), n);
-      }
-      partial[task] = sum;
-    });
+    for_each_block(k, x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), x.rows, x.vocab, plan, false,
+                   [&](int64_t task, int64_t, int64_t, const Block<T>& blk) {
+                     partial[task] += k.exp_sum(blk.a(), blk.b(), blk.n);
+                   });
   });
   at::Tensor sums = at::zeros({x.rows}, z_adapted.options().dtype(at::kFloat));
   float* out = sums.data_ptr<float>();

@@ -113,11 +113,12 @@ struct ElementTerms {
 };
 
 SVD_HD ElementTerms element_terms(float a, float b, float max_a, float max_b) {
-  const float da = a - max_a, db = b - max_b;
-  const float ea = a == -kInf ? 0.0f : exp_nonpositive(da);
-  const float eb = b == -kInf ? 0.0f : exp_nonpositive(db);
-  const float c = (a == -kInf || b == -kInf) ? 0.0f : ea * (da - db);
-  return ElementTerms{ea, eb, c};
+  // Where every value so far is -inf the maximum is -inf and z - max would be NaN: measured from 0 instead
+  // (a loop-invariant select), -inf goes to exp(-inf) = 0 either way.
+  const float da = a - (max_a == -kInf ? 0.0f : max_a), db = b - (max_b == -kInf ? 0.0f : max_b);
+  const float ea = exp_nonpositive(da), eb = exp_nonpositive(db);
+  const float c = ea * (da - db);  // NaN only as 0 * inf, where z_a = -inf (the token adds nothing)
+  return ElementTerms{ea, eb, c == c ? c : 0.0f};
 }
 
 // What the output pass needs to know about a row. Log-probabilities are formed relative to the maxima,

@@ -221,7 +221,6 @@ class _PerRowAuxiliaryModules:
     def __init__(self, peft_model, adapter):
         wrappers = [(name, m) for name, m in peft_model.named_modules()
                     if isinstance(m, _auxiliary_wrapper_types()) and adapter in getattr(m, "_adapters", ())]
-        self.names = [name for name, _ in wrappers]
         self.unsplittable = [name for name, m in wrappers if any(True for _ in m.original_module.children())]
         self.adapter = adapter
         self.rows = 0

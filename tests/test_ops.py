@@ -269,6 +269,31 @@ def test_huge_magnitudes(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_shaped_against_the_kernels_blocks(dtype, device):
+    """The CPU kernels read a row in blocks of 1024, each measured from the maximum of the blocks before
+    it: rows whose leading blocks are all -inf, whose maximum jumps by far more than exp can take (or
+    grows block after block), and whose base row is -inf over a whole block."""
+    vocab = 5000
+    za, zb = random_logits((6,), vocab, torch.float32, seed=23)
+    za[0, :2100] = zb[0, :2100] = -INF                       # nothing but -inf in the first blocks
+    za[1, 3000:3010] += 90.0                                 # a later block leads the running max by 90
+    za[2] = torch.linspace(-40, 40, vocab) + za[2] * 0.1     # the maximum grows in every block
+    zb[2] = torch.linspace(40, -40, vocab) + zb[2] * 0.1
+    za[3, 1024:2048] = -INF                                  # a whole block ruled out in both rows
+    zb[3, 1024:2048] = -INF
+    za[4, :1024] = -INF                                      # z_a only in later blocks, z_b everywhere
+    za[5] *= 3000.0                                          # huge logits
+    za, zb = za.to(device, dtype), zb.to(device, dtype)
+    labels = torch.tensor([3000, 3005, 4999, 100, 2000, 7], device=device)
+    assert_delta_matches_oracle(svd_fast.steering_vector(za, zb), za, zb)
+    for fill in (-INF, "keep", 1.5):
+        assert_steered_matches_oracle(svd_fast.steer_logits(za, zb, 2.5, 0.3, fill), za, zb, 2.5, 0.3, fill)
+    terms = svd_fast.token_mu(za, zb, labels, alpha=0.3, return_terms=True)
+    assert_token_mu_matches_oracle(terms, za, zb, labels, 0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_alpha_one_keeps_only_the_top_token(impl, device):
     za, zb = random_logits((5,), 10000, torch.float32, device, seed=13)
