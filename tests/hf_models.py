@@ -14,8 +14,10 @@ def char_tokenizer(pad=True):
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    # model_input_names: transformers 4.x's generic fast tokenizer also returns token_type_ids (5.x does not),
+    # which HF generate refuses for models that take none
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>" if pad else None)
+                                  pad_token="<pad>" if pad else None, model_input_names=["input_ids", "attention_mask"])
     return tok
 
 
