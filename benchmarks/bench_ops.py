@@ -73,6 +73,8 @@ def steer_contender(impl, za, zb, out):
     if kind == "native":
         svd_fast.set_backend("native")
         return with_isa(isa or None, lambda: svd_fast.steer_logits(za, zb, 0.5))
+    if kind == "native_out":  # into a reused buffer, as a decode loop would: no fresh pages to fault in
+        return with_isa(isa or None, lambda: svd_fast.steer_logits(za, zb, 0.5, out=out))
     if kind == "reference":
         return lambda: reference.steer_logits(za, zb, 0.5)
     if kind == "reference_compiled":
@@ -113,8 +115,8 @@ def test_interleaved_rounds(benchmark, dtype):
     rows, vocab = 8, 151936
     za, zb = logits(rows, vocab, DTYPES[dtype])
     out = torch.empty(za.shape, dtype=torch.float32)
-    contenders = {impl: steer_contender(impl, za, zb, out) for impl in IMPLS if impl != "reference"}
-    names = list(contenders)
+    names = [impl for impl in IMPLS if impl != "reference"] + [f"native_out-{isa}" for isa in ISAS]
+    contenders = {impl: steer_contender(impl, za, zb, out) for impl in names}
     times = {name: [] for name in names}
     for r in range(ROUNDS):
         for name in names[r % len(names):] + names[: r % len(names)]:
