@@ -1,19 +1,17 @@
 """The machine a benchmark figure comes from, named in every result: CPU model, cores, the CPU kernels'
 vector ISA, threads, torch (or the GPU)."""
+import functools
 import os
-import platform
 
+import cpuinfo  # py-cpuinfo, which pytest-benchmark depends on
 import torch
 
 import svd_fast
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return cpuinfo.get_cpu_info().get("brand_raw", "unknown CPU")
 
 
 def describe(device="cpu"):

@@ -69,7 +69,21 @@ def main(path):
               "buffer.")
 
 
+def compact(path):
+    """Rewrites a pytest-benchmark JSON without the raw per-call samples (stats.data), which make up nearly
+    all of it; every summary statistic and extra_info stays."""
+    with open(path) as f:
+        data = json.load(f)
+    for bench in data["benchmarks"]:
+        bench["stats"].pop("data", None)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python benchmarks/report.py RESULTS.json")
-    main(sys.argv[1])
+    args = [a for a in sys.argv[1:] if a != "--compact"]
+    if len(args) != 1:
+        sys.exit("usage: python benchmarks/report.py RESULTS.json [--compact]   (--compact: drop the raw samples)")
+    main(args[0])
+    if "--compact" in sys.argv:
+        compact(args[0])

@@ -10,6 +10,7 @@ from svd_fast import reference
 from svd_fast.steering import SteeredModel, SteeringLogitsProcessor
 
 from hf_models import char_tokenizer, tiny_model
+from test_one_forward import assert_rows_over_cached_steps
 from test_steering import PROMPTS, left_padded
 
 ATTENTION = ["q_proj", "v_proj"]
@@ -74,19 +75,8 @@ def test_base_rows_are_the_plain_base_model(name, one_forward):
     model, plain = build(name)
     steered = SteeredModel(model, mu=1.0, one_forward=one_forward)
     assert steered.route == (CONFIGS[name][2] if one_forward == "auto" else "two")
-    batch = left_padded(char_tokenizer(), PROMPTS)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        z_a, z_b, cache = steered.logits_pair(ids, mask)
-        for step in range(4):
-            want_a, want_b = expected_pair(model, plain, ids, mask)
-            torch.testing.assert_close(z_b[:, -1], want_b, rtol=1e-4, atol=1e-4, msg=f"base rows, step {step}")
-            torch.testing.assert_close(z_a[:, -1], want_a, rtol=1e-4, atol=1e-4, msg=f"adapter rows, step {step}")
-            new = torch.randint(4, 99, (ids.shape[0], 1), generator=g)
-            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
-            z_a, z_b, cache = (steered.logits_pair(new, mask, cache=cache) if cache is not None
-                               else steered.logits_pair(ids, mask))
+    want_a, want_b = assert_rows_over_cached_steps(steered, lambda ids, mask: expected_pair(model, plain, ids, mask),
+                                                   steps=3)
     assert (want_a - want_b).abs().max() > 1e-2  # the trained modules matter: a wrong base row would show
 
 

@@ -15,24 +15,33 @@ EXPECTED_MODE = {"lora": "one-forward (LoRA on adapter rows)", "lora_embed": "on
                  "ptuning_v2": "one-forward (virtual tokens on adapter rows)"}
 
 
+def assert_rows_over_cached_steps(steered, expected_pair, steps):
+    """steered.logits_pair's last-position rows against expected_pair(ids, mask) -> (z_adapted, z_base) at
+    prefill and over `steps` decode steps of random tokens, each continuing the returned cache (or, on the
+    route that keeps none, recomputing). Returns the last expected pair."""
+    batch = left_padded(char_tokenizer(), PROMPTS)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z_a, z_b, cache = steered.logits_pair(ids, mask)
+        for step in range(steps + 1):
+            want_a, want_b = expected_pair(ids, mask)
+            torch.testing.assert_close(z_a[:, -1], want_a, rtol=1e-4, atol=1e-4, msg=f"adapter rows, step {step}")
+            torch.testing.assert_close(z_b[:, -1], want_b, rtol=1e-4, atol=1e-4, msg=f"base rows, step {step}")
+            new = torch.randint(4, 99, (ids.shape[0], 1), generator=g)
+            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
+            z_a, z_b, cache = (steered.logits_pair(new, mask, cache=cache) if cache is not None
+                               else steered.logits_pair(ids, mask))
+    return want_a, want_b
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method", METHODS)
 def test_rows_equal_base_and_peft_model_over_16_cached_steps(method, arch):
     model = adapted(arch, method)
     steered = SteeredModel(model, mu=1.0)
     assert steered.mode == EXPECTED_MODE[method]
-    batch = left_padded(char_tokenizer(), PROMPTS)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        z_a, z_b, cache = steered.logits_pair(ids, mask)
-        for step in range(17):
-            want_a, want_b = full_recompute_pair(model, ids, mask)
-            torch.testing.assert_close(z_a[:, -1], want_a, rtol=1e-4, atol=1e-4, msg=f"adapter rows, step {step}")
-            torch.testing.assert_close(z_b[:, -1], want_b, rtol=1e-4, atol=1e-4, msg=f"base rows, step {step}")
-            new = torch.randint(4, 99, (ids.shape[0], 1), generator=g)
-            ids, mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones_like(new)], 1)
-            z_a, z_b, cache = steered.logits_pair(new, mask, cache=cache)
+    assert_rows_over_cached_steps(steered, lambda ids, mask: full_recompute_pair(model, ids, mask), steps=16)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
