@@ -13,7 +13,6 @@ per-mode times sit in extra_info["seconds"].
     python -m pytest benchmarks/bench_cpu_decode.py --benchmark-json=benchmarks/results/cpu-decode.json
     python benchmarks/report_cpu_decode.py benchmarks/results/cpu-decode.json
 """
-import platform
 import time
 
 import pytest
@@ -24,6 +23,8 @@ from svd_fast import models
 from svd_fast.cpu_decode import small_batch_linears
 from svd_fast.steering import SteeredModel
 from svd_fast.training import preset_config
+
+from machine import describe
 
 NEW_TOKENS = 64
 ROUNDS = 9
@@ -79,4 +80,4 @@ def test_cpu_decode(benchmark, lora_model, batch):
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update(batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, torch=torch.__version__,
-                                machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+                                machine=describe())

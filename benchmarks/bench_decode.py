@@ -8,7 +8,6 @@ vocab 49152, tied embeddings); 64 new tokens, greedy, batch 1 and 8.
     python -m pytest benchmarks/bench_decode.py --benchmark-json=benchmarks/results/decode-cpu.json
     python benchmarks/report_decode.py benchmarks/results/decode-cpu.json
 """
-import platform
 import time
 
 import pytest
@@ -19,6 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import svd_fast
 from svd_fast.steering import SteeredModel
 from svd_fast.training import preset_config
+
+from machine import describe
 
 NEW_TOKENS = 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,10 +48,6 @@ def prompts(batch):
     return dict(input_ids=ids.to(DEVICE), attention_mask=torch.ones_like(ids).to(DEVICE))
 
 
-def machine():
-    if DEVICE == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 @pytest.mark.parametrize("batch", [1, 8])
@@ -76,5 +73,5 @@ def test_decode(benchmark, peft_model, mode, batch):
     for _ in range(20):
         svd_fast.steer_logits(z, z, 1.0)
     op_ms = (time.perf_counter() - start) / 20 * 1e3
-    benchmark.extra_info.update(method=method, mode=mode, batch=batch, new_tokens=NEW_TOKENS, device=DEVICE, machine=machine(),
+    benchmark.extra_info.update(method=method, mode=mode, batch=batch, new_tokens=NEW_TOKENS, device=DEVICE, machine=describe(DEVICE),
                                 torch=torch.__version__, steer_op_ms=op_ms)

@@ -1,4 +1,6 @@
-"""Markdown tables of a bench_ops.py run: `python benchmarks/report.py results.json`.
+"""Markdown tables of a bench_ops.py run: `python benchmarks/report.py results.json`; and
+`python benchmarks/report.py --compact results.json ...` to drop the raw samples of any pytest-benchmark
+JSON before it is committed (a summary per benchmark stays).
 
 The first table: median latency of each implementation, ratios from the same run. The second, from
 test_interleaved_rounds: per contender the median over rounds, and the median of each round's own
@@ -65,6 +67,7 @@ def main(path):
             print(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} | "
                   f"{per_round.get('compiled', '')} | {per_round.get('floor', '')} | "
                   f"{per_round.get('exp', '') if name.startswith('native') else ''} |")
+    if rounds:
         print("\nnative: a fresh output tensor each call (as steer_logits without out=); native_out: out= a reused "
               "buffer.")
 
@@ -81,9 +84,12 @@ def compact(path):
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--compact"]
-    if len(args) != 1:
-        sys.exit("usage: python benchmarks/report.py RESULTS.json [--compact]   (--compact: drop the raw samples)")
-    main(args[0])
-    if "--compact" in sys.argv:
-        compact(args[0])
+    if len(sys.argv) == 2:
+        main(sys.argv[1])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--compact":
+        for results in sys.argv[2:]:
+            compact(results)
+    else:
+        sys.exit("usage: python benchmarks/report.py RESULTS.json        (the tables)\n"
+                 "       python benchmarks/report.py --compact RESULTS.json ...   (drop the raw samples, any "
+                 "pytest-benchmark JSON, before committing it)")

@@ -260,29 +260,40 @@ void for_each_block(const BlockKernels& k, const T* za, const T* zb, int64_t row
   });
 }
 
-// What pass 1 leaves for pass 2: each row's summary, and the largest z_a of every block, so that pass 2
-// can tell a block without kept tokens (most of them: alpha = 0.1 keeps the tokens within log(10) of the
-// top logit) without reading it again.
+// What pass 1 leaves for pass 2: each row's summary, the largest z_a of every block (so that pass 2 can
+// tell a block without kept tokens, most of them: alpha = 0.1 keeps the tokens within log(10) of the top
+// logit, without reading it again), and which blocks pass 1 has written already.
 struct Pass1 {
   std::vector<RowSummary> summary;
   std::vector<float> block_max_a;  // [rows, blocks_per_row]
+  std::vector<uint8_t> written;    // [rows, blocks_per_row]
   int64_t blocks_per_row;
+  int64_t block_index(int64_t row, int64_t off, int64_t vocab) const {
+    return row * blocks_per_row + (off - row * vocab) / kBlock;
+  }
   bool any_kept(int64_t row, int64_t off, int64_t vocab) const {
-    return is_kept(block_max_a[row * blocks_per_row + (off - row * vocab) / kBlock], summary[row]);
+    return is_kept(block_max_a[block_index(row, off, vocab)], summary[row]);
   }
 };
 
-// Pass 1 of every op: one RowStats per block, merged per (row, chunk), then per row.
-template <typename T>
+// Pass 1 of every op: one RowStats per block, merged per (row, chunk), then per row. A block whose largest
+// z_a lies below the running maximum + log(alpha) holds no kept token whatever the rest of the row holds:
+// write_unkept(row, a, n, out_offset) may write its output now, while the block is in L1, and pass 2
+// skips it (a no-op write_unkept returns false).
+template <typename T, typename WriteUnkept>
 Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
-                    const SplitPlan& plan, float log_alpha) {
-  Pass1 result{std::vector<RowSummary>(rows), {}, ceil_div(vocab, kBlock)};
+                    const SplitPlan& plan, float log_alpha, bool copy, WriteUnkept&& write_unkept) {
+  Pass1 result{std::vector<RowSummary>(rows), {}, {}, ceil_div(vocab, kBlock)};
   result.block_max_a.resize(rows * result.blocks_per_row);
+  result.written.assign(rows * result.blocks_per_row, 0);
   std::vector<RowStats> partial(rows * plan.splits, empty_stats());
-  for_each_block(k, za, zb, rows, vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
-    const BlockStats s = k.stats(blk.a(), blk.b(), blk.n, partial[task]);
-    result.block_max_a[row * result.blocks_per_row + (off - row * vocab) / kBlock] = s.max_a;
+  for_each_block(k, za, zb, rows, vocab, plan, copy, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+    const float* a = blk.a();
+    const BlockStats s = k.stats(a, blk.b(), blk.n, partial[task]);
+    const int64_t index = result.block_index(row, off, vocab);
+    result.block_max_a[index] = s.max_a;
     partial[task] = s.merged;
+    if (s.max_a < s.merged.max_a + log_alpha) result.written[index] = write_unkept(row, a, blk.n, off);
   });
   for (int64_t row = 0; row < rows; ++row) {
     RowStats s = empty_stats();
@@ -292,14 +303,22 @@ Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t row
   return result;
 }
 
+template <typename T>
+Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+                    const SplitPlan& plan, float log_alpha) {
+  return row_summaries(k, za, zb, rows, vocab, plan, log_alpha, false,
+                       [](int64_t, const float*, int64_t, int64_t) { return false; });
+}
+
 SplitPlan cpu_plan(int64_t rows, int64_t vocab) {
   return plan_splits(rows, vocab, 2 * at::get_num_threads(), kMinChunk, kBlock);
 }
 
-// Both passes for the ops with a [rows, V] float output: pass 2 calls
-// block_fn(block, summary, any_kept, row, out) for each block of a row that is not NaN.
-template <typename BlockFn>
-void write_rows(const LogitRows& x, float log_alpha, float* out, BlockFn&& block_fn) {
+// Both passes for the ops with a [rows, V] float output: pass 1 may write blocks without kept tokens
+// (write_unkept, see row_summaries); pass 2 calls block_fn(block, summary, any_kept, row, out) for every
+// other block of a row, and writes NaN over a row found bad.
+template <typename WriteUnkept, typename BlockFn>
+void write_rows(const LogitRows& x, float log_alpha, float* out, WriteUnkept&& write_unkept, BlockFn&& block_fn) {
   if (x.rows == 0) return;
   const BlockKernels& k = block_kernels();
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
@@ -307,15 +326,17 @@ void write_rows(const LogitRows& x, float log_alpha, float* out, BlockFn&& block
     using T = decltype(tag);
     const T* za = x.z_a.const_data_ptr<T>();
     const T* zb = x.z_b.const_data_ptr<T>();
-    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, log_alpha);
     const bool out_aliases_input = static_cast<const void*>(out) == static_cast<const void*>(za) ||
                                    static_cast<const void*>(out) == static_cast<const void*>(zb);
+    const Pass1 pass1 = row_summaries(
+        k, za, zb, x.rows, x.vocab, plan, log_alpha, out_aliases_input,
+        [&](int64_t row, const float* a, int64_t n, int64_t off) { return write_unkept(k, row, a, n, out + off); });
     for_each_block(k, za, zb, x.rows, x.vocab, plan, out_aliases_input,
                    [&](int64_t, int64_t row, int64_t off, const Block<T>& blk) {
                      const RowSummary& r = pass1.summary[row];
                      if (r.bad) {
                        std::fill(out + off, out + off + blk.n, kNaN);
-                     } else {
+                     } else if (!pass1.written[pass1.block_index(row, off, x.vocab)]) {
                        block_fn(blk, r, pass1.any_kept(row, off, x.vocab), row, out + off);
                      }
                    });
@@ -325,9 +346,9 @@ void write_rows(const LogitRows& x, float log_alpha, float* out, BlockFn&& block
 at::Tensor steering_vector_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
   at::Tensor out = at::empty(z_adapted.sizes(), z_adapted.options().dtype(at::kFloat));
-  write_rows(x, 0.0f, out.data_ptr<float>(), [](const auto& blk, const RowSummary& r, bool, int64_t, float* o) {
-    blk.k.delta(blk.a(), blk.b(), blk.n, r, o);
-  });
+  write_rows(
+      x, 0.0f, out.data_ptr<float>(), [](const BlockKernels&, int64_t, const float*, int64_t, float*) { return false; },
+      [](const auto& blk, const RowSummary& r, bool, int64_t, float* o) { blk.k.delta(blk.a(), blk.b(), blk.n, r, o); });
   return out;
 }
 
@@ -337,16 +358,24 @@ void steer_logits_out_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
   const LogitRows x = flatten_logits(z_adapted, z_base);
   check_steer_args(x, mu_rows, out);
   const float* mu_of_row = mu_rows.has_value() ? mu_rows->const_data_ptr<float>() : nullptr;
-  write_rows(x, static_cast<float>(log_alpha), out.data_ptr<float>(),
+  const auto row_mu = [&](int64_t row) { return mu_of_row ? mu_of_row[row] : static_cast<float>(mu); };
+  const auto row_fill = [&](int64_t row) { return fill_rule(fill_mode, row_mu(row), static_cast<float>(fill_value)); };
+  // A block without a kept token is all fill: -inf, or z_a + mu * lambda (lambda = 0 for "keep").
+  const auto write_fill = [&](const BlockKernels& k, int64_t row, const float* a, int64_t n, float* o) {
+    const FillRule fill = row_fill(row);
+    if (fill.neg_inf) {
+      std::fill(o, o + n, -kInf);
+    } else {
+      k.fill(a, n, fill.add, o);
+    }
+    return true;
+  };
+  write_rows(x, static_cast<float>(log_alpha), out.data_ptr<float>(), write_fill,
              [&](const auto& blk, const RowSummary& r, bool any_kept, int64_t row, float* o) {
-               const float row_mu = mu_of_row ? mu_of_row[row] : static_cast<float>(mu);
-               const FillRule fill = fill_rule(fill_mode, row_mu, static_cast<float>(fill_value));
                if (any_kept) {
-                 blk.k.steer(blk.a(), blk.b(), blk.n, r, row_mu, fill, o);
-               } else if (fill.neg_inf) {
-                 std::fill(o, o + blk.n, -kInf);  // nothing to read
+                 blk.k.steer(blk.a(), blk.b(), blk.n, r, row_mu(row), row_fill(row), o);
                } else {
-                 blk.k.fill(blk.a(), blk.n, fill.add, o);
+                 write_fill(blk.k, row, row_fill(row).neg_inf ? nullptr : blk.a(), blk.n, o);  // -inf reads nothing
                }
              });
 }
