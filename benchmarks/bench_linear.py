@@ -3,7 +3,12 @@ kernel (called as small_batch_linears() calls it) at M = 1, 2 and 8 rows, 2 thre
 
     python -m pytest benchmarks/bench_linear.py --benchmark-json=benchmarks/results/linear-cpu.json
     python benchmarks/bench_linear.py benchmarks/results/linear-cpu.json     # the ratio table
+
+On a CPU with AVX-512 the kernel's AVX2 path runs too ("kernel-avx2"). What an AVX2-only CPU would see
+of the stock path too: run the benchmark under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+SVD_FAST_CPU_ISA=avx2 (torch's own kernels and oneDNN's limited to AVX2).
 """
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -19,9 +24,12 @@ from machine import describe
 THREADS = 2
 SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # [out, in]: SmolLM2-135M's MLP up, down and LM head
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# "kernel": as small_batch_linears() calls it (the widest ISA); "kernel-avx2": the AVX2 path forced, on a
+# CPU that has a wider one (a forced ISA runs the kernel for every row count, bf16 included)
+IMPLS = ["stock", "kernel"] + (["kernel-avx2"] if svd_fast.cpu_isa() == "avx512" else [])
 
 
-@pytest.mark.parametrize("impl", ["stock", "kernel"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("rows", [1, 2, 8])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
@@ -36,7 +44,8 @@ def test_linear(benchmark, out_features, in_features, dtype, rows, impl):
     benchmark.extra_info.update(out=out_features, inp=in_features, dtype=dtype, rows=rows, impl=impl,
                                 isa=svd_fast.cpu_isa(), threads=torch.get_num_threads(), machine=describe(),
                                 torch=torch.__version__)
-    benchmark(fn)
+    with svd_fast.forced_cpu_isa("avx2") if impl == "kernel-avx2" else contextlib.nullcontext():
+        benchmark(fn)
 
 
 def report(path):
@@ -47,14 +56,17 @@ def report(path):
         info = bench["extra_info"]
         cells[(info["out"], info["inp"], info["dtype"])][(info["impl"], info["rows"])] = bench["stats"]["median"] * 1e6
     info = data["benchmarks"][0]["extra_info"]
-    print(f"Median latency in us, {info['machine']}, kernel ISA {info['isa']}; one run, side by side.\n")
-    print("| weight [out, in] | dtype | stock M=1 | stock M=2 | stock M=8 | kernel M=1 | kernel M=2 | kernel M=8 "
+    print(f"Median latency in us, {info['machine']}; one run, side by side.\n")
+    print("| weight [out, in] | dtype | kernel | stock M=1 | stock M=2 | stock M=8 | kernel M=1 | kernel M=2 | kernel M=8 "
           "| kernel M=2 / stock M=1 | kernel M=1 / stock M=1 | kernel M=8 / stock M=8 |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kernels = sorted({impl for t in cells.values() for impl, _ in t if impl != "stock"})
     for (out_features, in_features, dtype), t in cells.items():
-        times = " | ".join(f"{t[(impl, rows)]:.1f}" for impl in ("stock", "kernel") for rows in (1, 2, 8))
-        ratios = " | ".join(f"{t[('kernel', a)] / t[('stock', b)]:.2f}" for a, b in ((2, 1), (1, 1), (8, 8)))
-        print(f"| {out_features} x {in_features} | {dtype} | {times} | {ratios} |")
+        for kernel in kernels:
+            times = " | ".join(f"{t[(impl, rows)]:.1f}" for impl in ("stock", kernel) for rows in (1, 2, 8))
+            ratios = " | ".join(f"{t[(kernel, a)] / t[('stock', b)]:.2f}" for a, b in ((2, 1), (1, 1), (8, 8)))
+            name = "avx2 (forced)" if kernel == "kernel-avx2" else info["isa"]
+            print(f"| {out_features} x {in_features} | {dtype} | {name} | {times} | {ratios} |")
 
 
 if __name__ == "__main__":

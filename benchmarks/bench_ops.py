@@ -11,6 +11,7 @@ test_interleaved_rounds times the target cell's contenders in turn within each r
 from round to round), so a drifting machine hits them alike; report.py prints its medians and the
 median of the per-round ratios.
 """
+import os
 import time
 
 import pytest
@@ -24,7 +25,12 @@ from machine import describe
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHAPES = [(rows, vocab) for rows in (1, 8, 64) for vocab in (32000, 151936, 262144)]
-ISAS = svd_fast.supported_cpu_isas()[:2] if DEVICE == "cpu" else []  # the vector paths (baseline: a fallback)
+# The vector paths this CPU has (baseline is a fallback), or the one SVD_FAST_CPU_ISA forces: run as
+#   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 SVD_FAST_CPU_ISA=avx2 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-avx2
+# it shows an AVX-512 CPU as an AVX2-only one would run everything, torch.compile's code included (a cache
+# of its own: inductor's cache does not tell the two apart).
+ISAS = ([svd_fast.cpu_isa()] if os.environ.get("SVD_FAST_CPU_ISA") else svd_fast.supported_cpu_isas()[:2]) \
+    if DEVICE == "cpu" else []
 IMPLS = ([f"native-{isa}" for isa in ISAS] or ["native"]) + ["reference", "reference_compiled", "floor"] + [
     f"exp_bound-{isa}" for isa in ISAS]
 ROUNDS, CALLS = 15, 21
