@@ -49,7 +49,9 @@ struct BlockStats {
 };
 
 // Larger leads of a block's maximum over the running one are measured again from the block's own: exp of
-// up to 60 stays far from float32 overflow, also summed over a block and times |z_a - z_b|.
+// up to 60 stays far from float32 overflow, also summed over a block. So is a block whose KL term
+// e^lead * (z_a - z_b) overflowed (|z_a - z_b| beyond ~1e9 at a token that leads) without a flag that
+// explains it.
 constexpr float kMaxLead = 60.0f;
 
 // One loop per block: the maxima, the flags and the sums together, the exps measured from the running
@@ -74,7 +76,8 @@ BlockStats block_stats(const float* __restrict a, const float* __restrict b, int
     sum_b += t.exp_b;
     cross += t.cross;
   }
-  if (!(max_a <= ref_a + kMaxLead && max_b <= ref_b + kMaxLead)) {
+  const bool cross_finite = cross - cross == 0.0f;  // false for inf and NaN
+  if (!(max_a <= ref_a + kMaxLead && max_b <= ref_b + kMaxLead) || (!cross_finite && flags == 0u)) {
     const RowStats s = block_stats_two_loops(a, b, n);
     return BlockStats{merge(running, s), s.max_a};
   }
@@ -152,7 +155,7 @@ SVD_HD
 float block_exp_sum(const float* __restrict a, const float* __restrict b, int64_t n) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += exp_nonpositive(-std::fabs(a[i])) + exp_nonpositive(-std::fabs(b[i]));
+  for (int64_t i = 0; i < n; ++i) sum += fast_exp(-std::fabs(a[i])) + fast_exp(-std::fabs(b[i]));
   return sum;
 }
 

@@ -38,14 +38,16 @@ enum RowFlags : uint32_t {
   kBaseRulesOut = 2u // z_b = -inf where z_a is finite: KL is infinite, the row is left unsteered
 };
 
-// exp for arguments <= 0 (always the case here: x - max). On the CPU a branch-free polynomial that GCC
-// vectorizes (Cephes expf, ~2 ulp); on CUDA the hardware approximation. -inf and x < -87.3 give 0,
-// NaN gives NaN.
-SVD_HD float exp_nonpositive(float x) {
+// exp(x) for the kernels' arguments: x - max <= 0, or on the CPU up to kMaxLead (pass 1 measures a block
+// from the maxima of the blocks before it). On the CPU a branch-free polynomial that GCC vectorizes
+// (Cephes expf, ~2 ulp) with x clamped to [-87.3, 88] (x < -87.3 and -inf give 0, NaN gives NaN; above 88
+// the result is wrong but finite, and pass 1 measures such a block again); on CUDA the hardware
+// approximation.
+SVD_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return __expf(x);
 #else
-  const float xc = x < -87.3f ? -87.3f : x;
+  const float xc = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
   // Round to nearest integer with the 1.5 * 2^23 trick: vectorizes without SSE4.1.
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
@@ -92,11 +94,11 @@ SVD_HD RowStats rescale(const RowStats& s, float new_a, float new_b) {
   r.max_b = new_b;
   if (s.sum_a > 0.0f) {
     const float shift_a = s.max_a - new_a, shift_b = s.max_b - new_b;
-    const float fa = exp_nonpositive(shift_a);
+    const float fa = fast_exp(shift_a);
     r.sum_a = s.sum_a * fa;
     r.cross = fa * (s.cross + s.sum_a * (shift_a - shift_b));
   }
-  if (s.sum_b > 0.0f) r.sum_b = s.sum_b * exp_nonpositive(s.max_b - new_b);
+  if (s.sum_b > 0.0f) r.sum_b = s.sum_b * fast_exp(s.max_b - new_b);
   return r;
 }
 
@@ -116,8 +118,10 @@ SVD_HD ElementTerms element_terms(float a, float b, float max_a, float max_b) {
   // Where every value so far is -inf the maximum is -inf and z - max would be NaN: measured from 0 instead
   // (a loop-invariant select), -inf goes to exp(-inf) = 0 either way.
   const float da = a - (max_a == -kInf ? 0.0f : max_a), db = b - (max_b == -kInf ? 0.0f : max_b);
-  const float ea = exp_nonpositive(da), eb = exp_nonpositive(db);
-  const float c = ea * (da - db);  // NaN only as 0 * inf, where z_a = -inf (the token adds nothing)
+  const float ea = fast_exp(da), eb = fast_exp(db);
+  // NaN as 0 * inf where the token adds nothing: z_a = -inf, or exp_a underflowed to 0 beside z_b = -inf.
+  // Where z_b = -inf and z_a is finite, c is +inf: that row is flagged kBaseRulesOut and left unsteered.
+  const float c = ea * (da - db);
   return ElementTerms{ea, eb, c == c ? c : 0.0f};
 }
 
@@ -147,7 +151,7 @@ SVD_HD RowSummary finalize(const RowStats& s, float log_alpha) {
 // delta(y) = p_a(y) * (kl - (log p_a(y) - log p_b(y)))   (SPEC 1); also returns p_a(y).
 SVD_HD float steering_delta(float a, float b, const RowSummary& r, float& p_a) {
   const float da = a - r.max_a, db = b - r.max_b;
-  p_a = exp_nonpositive(da - r.log_sum_a);
+  p_a = fast_exp(da - r.log_sum_a);
   const float log_ratio = (da - db) - r.log_sums_ratio;  // grouped as in kl: a lone token gets exactly 0
   const float d = p_a * (r.kl - log_ratio);
   return (r.steerable && a > -kInf) ? d : 0.0f;

@@ -22,14 +22,6 @@ def _median_ms(fn, repeats):
     return sorted(times)[len(times) // 2] * 1e3
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m svd_fast", description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -38,7 +30,8 @@ def main(argv=None):
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     device = torch.device(args.device)
-    print(f"svd_fast on {device} ({_cpu_model()}, CPU kernels: {ops.cpu_isa()}, torch {torch.__version__}, "
+    print(f"svd_fast on {device} ({platform.processor() or platform.machine()}, CPU kernels: {ops.cpu_isa()}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads): compiled kernels {'loaded' if ops.native_available() else 'MISSING'}, "
           f"CUDA kernels {'built' if ops.has_cuda_kernels() else 'not built'}")
     if not ops.native_available():

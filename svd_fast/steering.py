@@ -111,10 +111,49 @@ class _TwoCaches(DynamicCache):
         self.base.reorder_cache(beam_idx)
 
 
-class _PerRowIA3:
-    """IA3 on the adapter rows of a batch only. Inside `adapter_rows(n)` the IA3 layers run as their base
-    layer (adapters disabled) and hooks apply each layer's learned scaling to rows [0, n), exactly as
-    IA3's own forward does: to the input of feed-forward layers, to the output of the others."""
+class _AdapterRows:
+    """The adapter rows of one forward of 2n sequences of `width` positions, as a layer sees them: the first
+    n of its input's first dimension when that is the batch, the first n * width when the batch and the
+    positions are flattened into it (batch-major, as a mixture-of-experts gate sees them). Any other input
+    (the tokens a MoE expert was routed) mixes adapter and base rows: refused, never split wrongly."""
+
+    def __init__(self, n=0, width=1):
+        self.n, self.width = n, width
+
+    def of(self, x, layer):
+        if x.shape[0] == 2 * self.n:
+            return self.n
+        if x.dim() == 2 and x.shape[0] == 2 * self.n * self.width:
+            return self.n * self.width
+        raise RuntimeError(f"svd_fast: {type(layer).__name__} got an input of shape {tuple(x.shape)}, whose rows are not "
+                           f"the {2 * self.n} sequences of the batch (a mixture-of-experts layer routes tokens to it): "
+                           "its adapter cannot run on the adapter rows alone; use SteeredModel(..., one_forward=False)")
+
+
+class _PerRowSplit:
+    """What the per-row adapter paths share: the adapter rows of the forward running now (`rows`), set by
+    `adapter_rows(n, width)` around it, and the module forwards it replaces for that time."""
+
+    rows = _AdapterRows()
+    forwards = ()
+
+    @contextlib.contextmanager
+    def adapter_rows(self, n, width=1):
+        previous, self.rows = self.rows, _AdapterRows(n, width)
+        try:
+            with self._installed():
+                yield
+        finally:
+            self.rows = previous
+
+    def _installed(self):
+        return replaced_forwards(self.forwards)
+
+
+class _PerRowIA3(_PerRowSplit):
+    """IA3 on the adapter rows of a batch only. Inside `adapter_rows(n, width)` the IA3 layers run as their
+    base layer (adapters disabled) and hooks apply each layer's learned scaling to the adapter rows, exactly
+    as IA3's own forward does: to the input of feed-forward layers, to the output of the others."""
 
     def __init__(self, peft_model, adapter):
         from peft.tuners.ia3.layer import IA3Layer, Linear
@@ -125,14 +164,15 @@ class _PerRowIA3:
             isinstance(m, Linear) and not m.merged and adapter in m.ia3_l for m in self.layers)
 
     @contextlib.contextmanager
-    def adapter_rows(self, n):
+    def _installed(self):
         def scale_input(module, args, kwargs):
             x, scale = args[0], module.ia3_l[self.adapter]
+            n = self.rows.of(x, module)
             scaled = (x[:n].to(scale.dtype) * scale.flatten()).to(x.dtype)
             return (torch.cat([scaled, x[n:]]), *args[1:]), kwargs
 
         def scale_output(module, args, result):
-            scale = module.ia3_l[self.adapter]
+            scale, n = module.ia3_l[self.adapter], self.rows.of(args[0], module)
             return torch.cat([(result[:n] * scale.flatten()).to(result.dtype), result[n:]])
 
         handles, disabled = [], [m._disable_adapters for m in self.layers]
@@ -149,11 +189,11 @@ class _PerRowIA3:
                 m._disable_adapters = flag
 
 
-class _PerRowLoRA:
-    """Plain LoRA on the adapter rows of a batch only: inside `adapter_rows(n)` each LoRA linear layer
-    returns base(x) + B(A(dropout(x[:n]))) * scaling on rows [0, n) and base(x) on the others, as PEFT's
+class _PerRowLoRA(_PerRowSplit):
+    """Plain LoRA on the adapter rows of a batch only: inside `adapter_rows(n, width)` each LoRA linear layer
+    returns base(x) + B(A(dropout(x))) * scaling on the adapter rows and base(x) on the others, as PEFT's
     mixed-adapter batch does, without its per-forward hook registration over every module and its
-    index gathers (rows [0, n) are a slice)."""
+    index gathers (the adapter rows are a slice)."""
 
     def __init__(self, peft_model, adapter):
         from peft.tuners.lora.layer import Linear, LoraLayer
@@ -162,7 +202,6 @@ class _PerRowLoRA:
         self.supported = bool(layers) and all(
             type(m) is Linear and not m.merged and adapter in m.lora_A and adapter not in m.lora_variant
             for m in layers)
-        self.rows = 0
         self.forwards = [(m, self._row_forward(m, adapter)) for m in layers] if self.supported else []
 
     def _row_forward(self, layer, adapter):
@@ -176,26 +215,20 @@ class _PerRowLoRA:
             if layer.merged:
                 raise RuntimeError("the LoRA adapter was merged into the weights after SteeredModel was built; the base "
                                    "rows need the plain weights: call model.unmerge_adapter() before steering")
+            n = self.rows.of(x, layer)
             a, b = lora_A.weight, lora_B.weight
             if (lora_B.bias is None and result.is_contiguous() and result.dtype == a.dtype == b.dtype
                     and not torch.is_grad_enabled()):
-                # rows [0, n) of the batch are the first n * T rows of the flattened activations
-                rows = self.rows * (x.numel() // max(1, x.shape[0] * x.shape[-1]))
+                # the adapter rows are the first ones of the flattened activations
+                rows = n * (x.numel() // max(1, x.shape[0] * x.shape[-1]))
                 h = dropout(x.reshape(-1, x.shape[-1])[:rows].to(a.dtype))
                 result.view(-1, result.shape[-1])[:rows].addmm_(F.linear(h, a), b.t(), alpha=scaling)
                 return result
-            n = self.rows
             update = lora_B(lora_A(dropout(x[:n].to(a.dtype)))) * scaling
             result[:n] += update.to(result.dtype)
             return result
 
         return forward
-
-    @contextlib.contextmanager
-    def adapter_rows(self, n):
-        self.rows = n
-        with replaced_forwards(self.forwards):
-            yield
 
 
 def _auxiliary_wrapper_types():
@@ -211,43 +244,41 @@ def _auxiliary_wrapper_types():
         return (ModulesToSaveWrapper,)
 
 
-class _PerRowAuxiliaryModules:
+def _splits_per_row(module):
+    """Whether a module maps each row of its input (dim 0) to the same row of one output tensor, with no
+    state across rows: linear, embedding and norm layers (a decoder block holds the KV cache of every row,
+    a MoE router returns a tuple)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, Conv1D)):
+        return True
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and not any(True for _ in module.children())
+
+
+class _PerRowAuxiliaryModules(_PerRowSplit):
     """Modules the adapter trains outside its tuner layers (`modules_to_save` copies, `trainable_token_indices`
-    embeddings) on the adapter rows only: inside `adapter_rows(n)` each runs the adapter's own copy on rows
-    [0, n), through PEFT's per-adapter forward, and the original module on the other rows (n = 0: the base
-    model on every row). Only modules whose rows are independent can be split so: the leaf modules (linear,
-    embedding, norm layers); `unsplittable` names the others (a whole decoder block holds the KV cache)."""
+    embeddings) on the adapter rows only: inside `adapter_rows(n, width)` each runs the adapter's own copy on
+    the adapter rows, through PEFT's per-adapter forward, and the original module on the other rows (n = 0:
+    the base model on every row). Only modules whose rows are independent can be split so
+    (`_splits_per_row`); `unsplittable` names the others."""
 
     def __init__(self, peft_model, adapter):
         wrappers = [(name, m) for name, m in peft_model.named_modules()
                     if isinstance(m, _auxiliary_wrapper_types()) and adapter in getattr(m, "_adapters", ())]
-        self.unsplittable = [name for name, m in wrappers if any(True for _ in m.original_module.children())]
+        self.unsplittable = [name for name, m in wrappers if not _splits_per_row(m.original_module)]
         self.adapter = adapter
-        self.rows = 0
         self.forwards = [(m, self._row_forward(m)) for _, m in wrappers]
 
     def _row_forward(self, wrapper):
         def forward(x, *args, **kwargs):
             kwargs.pop("adapter_names", None)  # PEFT's mixed-batch hook: the split below replaces it
-            n = self.rows
-            if n == 0 or wrapper.disable_adapters or self.adapter not in wrapper.active_adapters:
+            if self.rows.n == 0 or wrapper.disable_adapters or self.adapter not in wrapper.active_adapters:
                 return wrapper.original_module(x, *args, **kwargs)
+            n = self.rows.of(x, wrapper.original_module)
             adapted = wrapper._forward_wrapped_mixed_batch(x[:n], self.adapter, *args, **kwargs)
             return torch.cat([adapted, wrapper.original_module(x[n:], *args, **kwargs).to(adapted.dtype)])
 
         return forward
-
-    @contextlib.contextmanager
-    def adapter_rows(self, n):
-        if not self.forwards:
-            yield
-            return
-        previous, self.rows = self.rows, n
-        try:
-            with replaced_forwards(self.forwards):
-                yield
-        finally:
-            self.rows = previous
 
 
 class SteeredModel:
@@ -349,7 +380,7 @@ class SteeredModel:
             return self._virtual_token_pair(input_ids, inputs_embeds, attention_mask, cache, extra)
         if self.route == "two" and self.prompt_learning:  # PEFT adds the virtual tokens on full forwards only
             z_a = self.model(**inputs, attention_mask=attention_mask, **extra).logits
-            with self._base_model():
+            with self._as_base_model():
                 z_b = self.model(**inputs, attention_mask=attention_mask, position_ids=position_ids, **extra).logits
             return z_a[:, -z_b.shape[1]:], z_b, None
         if self.route in ("lora", "mixed", "ia3"):
@@ -360,23 +391,23 @@ class SteeredModel:
                           attention_mask=torch.cat([attention_mask] * 2),
                           position_ids=torch.cat([position_ids, position_ids]), use_cache=True,
                           **{self._cache_kwarg: cache}, **extra)
-            with self._aux.adapter_rows(n):
+            with self._aux.adapter_rows(n, length):
                 if self.route == "mixed":
                     logits = self.model(**kwargs, adapter_names=[self.adapter] * n + [BASE_ADAPTER] * n).logits
                 else:
-                    with (self._lora if self.route == "lora" else self._ia3).adapter_rows(n):
+                    with (self._lora if self.route == "lora" else self._ia3).adapter_rows(n, length):
                         logits = self.model(**kwargs).logits
             return logits[:n], logits[n:], cache
         if cache is None:
             cache = _TwoCaches()
         kwargs = dict(**inputs, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **extra)
         z_a = self.model(**kwargs, **{self._cache_kwarg: cache.adapted}).logits
-        with self._base_model():
+        with self._as_base_model():
             z_b = self.model(**kwargs, **{self._cache_kwarg: cache.base}).logits
         return z_a, z_b, cache
 
     @contextlib.contextmanager
-    def _base_model(self):
+    def _as_base_model(self):
         """The PEFT model as its base model: adapters disabled, and the original of every module the adapter
         trains outside its tuner layers (PEFT's disable_adapter leaves those active for prompt learning)."""
         with self.model.disable_adapter(), self._aux.adapter_rows(0):
@@ -413,7 +444,7 @@ class SteeredModel:
         past = cache.stored_length()
         positions_adapted = torch.arange(past, past + width, device=tokens.device).expand(n, -1)
         positions_base = _positions(mask_base)[:, -width:]
-        with self._aux.adapter_rows(n), cache.model_forward():
+        with self._aux.adapter_rows(n, width), cache.model_forward():
             out = base(inputs_embeds=embeds, attention_mask=torch.cat([mask_adapted, mask_base]),
                        position_ids=torch.cat([positions_adapted, positions_base]), use_cache=True,
                        **{self._cache_kwarg: cache}, **extra)
@@ -457,22 +488,28 @@ class SteeredModel:
                              f"{self.peft_type} virtual tokens on full forwards only; pass input_ids instead")
         for key in ("past_key_values", "cache"):
             if kwargs.get(key) is not None:
-                self._check_cache(kwargs[key], no_cache_route)
+                self._check_cache(kwargs[key], kwargs.get("use_cache", True))
         if self._lm is None:
             self._lm = _SteeredCausalLM(self)
         if no_cache_route:
             kwargs.setdefault("use_cache", False)
-        with self._decode_linears():
-            return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        try:
+            with self._decode_linears():
+                return self._lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self._lm.last_adapted_logits = None  # a view of the last step's logits: do not keep them alive
 
-    def _check_cache(self, cache, no_cache_route=False):
+    def _check_cache(self, cache, use_cache=True):
         """A cache handed back to generate must be one this model filled: another cache lacks the base rows
         (or the adapter's), and its length would make HF skip the tokens it claims to hold."""
         if isinstance(cache, Cache) and not isinstance(cache, (_PairedCache, _TwoCaches)) and cache.get_seq_length() == 0:
             return  # an empty cache: nothing to continue from
-        if no_cache_route:
+        if self.route == "two" and self.prompt_learning:
             raise ValueError(f"this route ({self.mode}) keeps no KV cache, so it cannot continue from one: pass the "
                              "whole sequence as input_ids without past_key_values")
+        if not use_cache:
+            raise ValueError("past_key_values to continue from, but use_cache=False: drop use_cache=False, or pass the "
+                             "whole sequence without past_key_values")
         if not isinstance(cache, (_PairedCache, _TwoCaches)):
             raise ValueError(f"past_key_values is a {type(cache).__name__}, not a cache returned by SteeredModel.generate: "
                              "steering needs the adapted and the base model's keys and values; pass the "
@@ -554,7 +591,7 @@ class _SteeredCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache=True, logits_to_keep=None, inputs_embeds=None, **_):
         cache = cache if cache is not None else past_key_values
         if cache is not None:
-            self.steered._check_cache(cache, no_cache_route=not use_cache)
+            self.steered._check_cache(cache, use_cache)
         if not use_cache or not isinstance(cache, (_PairedCache, _TwoCaches)):
             cache = None  # generate's own empty cache (or none wanted): ours replaces it
         z_a, z_b, cache = self.steered.logits_pair(input_ids, attention_mask, position_ids, cache, logits_to_keep,
@@ -570,6 +607,8 @@ class _SteeredCausalLM(PreTrainedModel, GenerationMixin):
         return cache
 
     def _get_logits_processor(self, *args, **kwargs):
+        # HF's private builder of a generate call's processors (same signature in transformers 4.56 to 5.24,
+        # tested in CI on both): wrapped to give rows whose keep set the processors empty a fallback.
         processors = super()._get_logits_processor(*args, **kwargs)
         config = kwargs.get("generation_config", args[0] if args else None)
         beams = isinstance(config, GenerationConfig) and (config.num_beams or 1) > 1
@@ -582,16 +621,18 @@ class _EmptyKeepSetFallback(LogitsProcessorList):
     Under fill=-inf only the keep set is finite; a processor that runs after steering (min_new_tokens
     banning EOS, suppress_tokens, bad_words_ids, ...) can remove all of it. Such a row then takes, at that
     step, the adapter's own distribution through the same processors (log-probabilities under beam search,
-    which scores log-probabilities), with one warning per generate call."""
+    which scores log-probabilities), with one warning per generate call. The processors then run twice at
+    that step (a stateful one advances twice). Greedy, sampling and beam search; modes that score other
+    rows than the last forward's (assisted decoding, transformers 4.x group beam search) get no fallback."""
 
     def __init__(self, processors, lm, log_probs):
         super().__init__(processors)
         self.lm, self.log_probs, self.warned = lm, log_probs, False
 
     def __call__(self, input_ids, scores, **kwargs):
+        adapted = self.lm.last_adapted_logits  # before the processors: one of them may run the model again
         processed = super().__call__(input_ids, scores, **kwargs)
-        adapted = self.lm.last_adapted_logits
-        if adapted is None or adapted.shape != scores.shape or not (self.lm.steered.fill == float("-inf")):
+        if adapted is None or adapted.shape != scores.shape or self.lm.steered.fill != float("-inf"):
             return processed
         emptied = (processed == float("-inf")).all(-1) & ~(scores == float("-inf")).all(-1)
         if not bool(emptied.any()):
@@ -620,8 +661,10 @@ class SteeringLogitsProcessor(LogitsProcessor):
     base (refused with an error).
     A logits processor does not see the attention mask: for a padded batch pass the prompt's
     `attention_mask=`; a prompt holding the pad token without it is refused, since the base model would
-    read the padding as text. The mask belongs to one prompt batch: a later generate call with another
-    prompt needs a new processor (a mismatch is an error).
+    read the padding as text (also where the pad token is EOS or BOS: pass the mask then too). With a mask,
+    the processor is bound to the prompt batch of its first generate call (the mask's masked positions
+    must hold the pad token where it is known); a later call with another prompt batch is refused: give
+    each batch its own processor.
     Each step reruns the base model on the whole sequence, without a cache: a full extra forward per
     step, much slower than SteeredModel. Processors listed after this one can empty the keep set under
     fill=-inf (SteeredModel.generate falls back in that case; this processor cannot see them).
@@ -645,6 +688,7 @@ class SteeringLogitsProcessor(LogitsProcessor):
         config = getattr(base_model, "generation_config", None)
         self.pad_token_id = pad_token_id if pad_token_id is not None else getattr(config, "pad_token_id", None)
         self._prompt = None  # the prompt batch of the current generate call (every later step extends it)
+        self._bound_prompt = None  # with a mask: the (one row per prompt) batch that mask belongs to
 
     def _mask(self, input_ids):
         prompt = self._prompt
@@ -672,10 +716,20 @@ class SteeringLogitsProcessor(LogitsProcessor):
                                  f"either), and would read padding as text; {fix}, or pad_token_id=")
             return
         rows, width = self.prompt_mask.shape
+        fix = "give each prompt batch its own SteeringLogitsProcessor with that batch's attention_mask"
         if width != input_ids.shape[1] or input_ids.shape[0] % rows:
             raise ValueError(f"attention_mask is {rows} x {width} but this generate call's prompt is "
-                             f"{input_ids.shape[0]} x {input_ids.shape[1]} (rows may repeat per beam or sample): give "
-                             "each prompt batch its own SteeringLogitsProcessor with that batch's attention_mask")
+                             f"{input_ids.shape[0]} x {input_ids.shape[1]} (rows may repeat per beam or sample): {fix}")
+        prompts = input_ids[:: input_ids.shape[0] // rows]  # beams and samples of a prompt are adjacent rows
+        if self._bound_prompt is None:
+            masked = self.prompt_mask.to(input_ids.device) == 0
+            if self.pad_token_id is not None and not bool((prompts[masked] == self.pad_token_id).all()):
+                raise ValueError(f"attention_mask masks tokens that are not the pad token (id {self.pad_token_id}): it "
+                                 f"belongs to another prompt batch; {fix}")
+            self._bound_prompt = prompts.clone()
+        elif not torch.equal(prompts, self._bound_prompt.to(prompts.device)):
+            raise ValueError(f"this SteeringLogitsProcessor's attention_mask belongs to the prompt batch of its first "
+                             f"generate call, not this one; {fix}")
 
     @torch.no_grad()
     def __call__(self, input_ids, scores):

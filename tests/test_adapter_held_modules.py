@@ -2,6 +2,8 @@
 the adapter trains) and `trainable_token_indices` (trained rows of the embedding). On every route the base
 rows must give the plain base model's logits and the adapter rows the PEFT model's own, at prefill and over
 cached decode steps; a module that cannot be split per row takes two forwards, still correct."""
+import copy
+
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
@@ -104,6 +106,28 @@ def test_greedy_generation_equals_the_two_model_loop(name):
         token = reference.steer_logits(z_a, z_b, 3.0, 0.3).argmax(-1, keepdim=True)
         ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
     assert out.tolist() == ids.tolist()
+
+
+def test_a_saved_module_with_another_output_takes_two_forwards():
+    """A MoE router (transformers 5: a module returning a tuple; 4.x: a linear layer) saved beside LoRA:
+    whichever route SteeredModel takes, the base rows are the plain Mixtral's."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=99, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=128)
+    torch.manual_seed(0)
+    plain = MixtralForCausalLM(config).eval()
+    model = get_peft_model(copy.deepcopy(plain), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["gate"],
+                                                            task_type="CAUSAL_LM")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    steered = SteeredModel(model, mu=1.0)
+    routers = [m for m in model.modules() if type(m).__name__ == "ModulesToSaveWrapper"]
+    assert routers and steered.route == ("lora" if isinstance(routers[0].original_module, torch.nn.Linear) else "two")
+    assert_rows_over_cached_steps(steered, lambda ids, mask: expected_pair(model, plain, ids, mask), steps=2)
 
 
 def test_one_forward_true_names_the_module_that_cannot_run_per_row():

@@ -216,3 +216,21 @@ def test_processor_mask_belongs_to_one_prompt_batch():
         other = left_padded(tok, ["a much longer prompt than before"])
         with pytest.raises(ValueError, match="give each prompt batch its own SteeringLogitsProcessor"):
             model.generate(**other, logits_processor=[processor], **kw)
+        # the same shape, other prompts and other padding: refused too, by the processor bound to PROMPTS ...
+        same_shape = left_padded(tok, ["Steering vectors decodX", "B", "The dog sat"])
+        assert same_shape["input_ids"].shape == batch["input_ids"].shape
+        with pytest.raises(ValueError, match="belongs to the prompt batch of its first generate call"):
+            model.generate(**same_shape, logits_processor=[processor], **kw)
+        # ... and by a new processor given the old mask, whose masked positions hold real tokens here
+        fresh = SteeringLogitsProcessor(model, mu=2.0, attention_mask=batch["attention_mask"])
+        with pytest.raises(ValueError, match="masks tokens that are not the pad token"):
+            model.generate(**same_shape, logits_processor=[fresh], **kw)
+
+
+def test_a_cache_with_use_cache_false_is_refused_with_the_right_reason():
+    steered = steered_for("lora", "auto")
+    ids = torch.tensor([[10, 20, 30, 40]])
+    first = steered.generate(input_ids=ids, max_new_tokens=2, return_dict_in_generate=True, **GREEDY)
+    with pytest.raises(ValueError, match="but use_cache=False"):
+        steered.generate(input_ids=first.sequences, past_key_values=first.past_key_values, use_cache=False,
+                         max_new_tokens=2, **GREEDY)

@@ -76,3 +76,16 @@ def test_lora_rows_with_gradients_and_after_a_merge():
     model.merge_adapter()
     with pytest.raises(RuntimeError, match="unmerge_adapter"):
         steered.logits_pair(ids, mask)
+
+
+def test_adapter_rows_of_a_layer_input():
+    """The per-row paths find the adapter rows of a layer's input: batch first, or batch and positions
+    flattened (a MoE gate); tokens routed to a MoE expert mix both halves and are refused, never split."""
+    from svd_fast.steering import _AdapterRows
+
+    rows, layer = _AdapterRows(n=3, width=5), torch.nn.Linear(4, 4)
+    assert rows.of(torch.zeros(6, 5, 4), layer) == 3
+    assert rows.of(torch.zeros(6, 4), layer) == 3
+    assert rows.of(torch.zeros(30, 4), layer) == 15
+    with pytest.raises(RuntimeError, match="routes tokens to it.*one_forward=False"):
+        rows.of(torch.zeros(11, 4), layer)

@@ -94,6 +94,19 @@ def test_per_row_mu_equals_row_by_row(device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("rows,vocab", [(1, 151936), (3, 20000), (2, 5000)])  # the first is split across tasks
+@pytest.mark.parametrize("fill", [-INF, "keep", 1.5])
+def test_in_place_over_either_input(fill, rows, vocab, device):
+    za, zb = random_logits((rows,), vocab, torch.float32, device, seed=vocab)
+    expected = svd_fast.steer_logits(za, zb, 0.8, fill=fill)
+    for target in ("adapted", "base"):
+        a, b = za.clone(), zb.clone()
+        out = a if target == "adapted" else b
+        assert svd_fast.steer_logits(a, b, 0.8, fill=fill, out=out) is out
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, msg=f"out = z_{target}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_out_buffer_and_in_place(device):
     za, zb = random_logits((3,), 20000, torch.float32, device, seed=8)
     expected = svd_fast.steer_logits(za, zb, 0.8)
@@ -275,7 +288,7 @@ def test_rows_shaped_against_the_kernels_blocks(dtype, device):
     it: rows whose leading blocks are all -inf, whose maximum jumps by far more than exp can take (or
     grows block after block), and whose base row is -inf over a whole block."""
     vocab = 5000
-    za, zb = random_logits((6,), vocab, torch.float32, seed=23)
+    za, zb = random_logits((8,), vocab, torch.float32, seed=23)
     za[0, :2100] = zb[0, :2100] = -INF                       # nothing but -inf in the first blocks
     za[1, 3000:3010] += 90.0                                 # a later block leads the running max by 90
     za[2] = torch.linspace(-40, 40, vocab) + za[2] * 0.1     # the maximum grows in every block
@@ -284,8 +297,11 @@ def test_rows_shaped_against_the_kernels_blocks(dtype, device):
     zb[3, 1024:2048] = -INF
     za[4, :1024] = -INF                                      # z_a only in later blocks, z_b everywhere
     za[5] *= 3000.0                                          # huge logits
+    za[6, 1500], zb[6, 1500] = 60.0, -1e20                  # a later block's KL term overflows from the running max
+    zb[7, 4000] = torch.finfo(torch.float32).min
     za, zb = za.to(device, dtype), zb.to(device, dtype)
-    labels = torch.tensor([3000, 3005, 4999, 100, 2000, 7], device=device)
+    # row 7's ||delta_K||^2 (~1e68) is beyond float32's range: token_mu is not compared there
+    labels = torch.tensor([3000, 3005, 4999, 100, 2000, 7, 1500, -100], device=device)
     assert_delta_matches_oracle(svd_fast.steering_vector(za, zb), za, zb)
     for fill in (-INF, "keep", 1.5):
         assert_steered_matches_oracle(svd_fast.steer_logits(za, zb, 2.5, 0.3, fill), za, zb, 2.5, 0.3, fill)
