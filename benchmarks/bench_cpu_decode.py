@@ -20,9 +20,9 @@ import torch
 from peft import get_peft_model
 
 from svd_fast import models
-from svd_fast.cpu_decode import small_batch_linears
-from svd_fast.steering import SteeredModel
-from svd_fast.training import preset_config
+from svd_fast.decoding.cpu_linear import small_batch_linears
+from svd_fast.decoding import SteeredModel
+from svd_fast.adaptation.training import preset_config
 
 from machine import describe
 

@@ -16,8 +16,8 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import svd_fast
-from svd_fast.steering import SteeredModel
-from svd_fast.training import preset_config
+from svd_fast.decoding import SteeredModel
+from svd_fast.adaptation.training import preset_config
 
 from machine import describe
 

@@ -10,15 +10,20 @@
     steered = svd_fast.SteeredModel(peft_model, mu=cal.mu_bar, alpha=0.1)
     out = steered.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=32)
 
-The HuggingFace/PEFT names load on first use, so the ops alone need only torch.
+Four parts: `ops` (the kernels' Python face and the reference), `decoding` (SteeredModel and its routes,
+the logits processor, the CPU decode linears), `adaptation` (warm start, calibration), `evaluation` (the
+default model, the benchmarks, the harness). The HuggingFace/PEFT names load on first use, so the ops alone
+need only torch.
 """
-from . import ops, reference
+from . import ops
+from ._version import __version__
 from .ops import (
     cpu_isa,
     forced_cpu_isa,
     get_backend,
     has_cuda_kernels,
     native_available,
+    reference,
     set_backend,
     set_cpu_isa,
     small_batch_linear,
@@ -28,24 +33,31 @@ from .ops import (
     token_mu,
 )
 
-from ._version import __version__
-
-# name -> module, imported on first access (they pull in transformers and peft)
-_HF_NAMES = {
-    "SteeredModel": "steering",
-    "SteeringLogitsProcessor": "steering",
-    "calibrate": "calibration",
-    "calibrate_sweep": "calibration",
-    "CalibrationResult": "calibration",
-    "warm_start": "training",
+# name -> (module, attribute or None for the module itself), imported on first access
+_LAZY = {
+    "SteeredModel": ("decoding", "SteeredModel"),
+    "SteeringLogitsProcessor": ("decoding", "SteeringLogitsProcessor"),
+    "calibrate": ("adaptation.calibration", "calibrate"),
+    "calibrate_sweep": ("adaptation.calibration", "calibrate_sweep"),
+    "CalibrationResult": ("adaptation.calibration", "CalibrationResult"),
+    "warm_start": ("adaptation.training", "warm_start"),
+    "decoding": ("decoding", None),
+    "adaptation": ("adaptation", None),
+    "evaluation": ("evaluation", None),
+    # where these lived before the four parts, as the README documents them
+    "cpu_decode": ("decoding.cpu_linear", None),
+    "models": ("evaluation.models", None),
+    "data": ("evaluation.data", None),
 }
 
-__all__ = ["reference", *ops.__all__, *_HF_NAMES, "__version__"]
+__all__ = ["reference", *ops.__all__, *_LAZY, "__version__"]
 
 
 def __getattr__(name):
-    if name in _HF_NAMES:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_HF_NAMES[name]}", __name__), name)
+        module, attribute = _LAZY[name]
+        loaded = importlib.import_module(f".{module}", __name__)
+        return loaded if attribute is None else getattr(loaded, attribute)
     raise AttributeError(f"module 'svd_fast' has no attribute {name!r}")

@@ -7,7 +7,8 @@ import time
 
 import torch
 
-from . import ops, reference
+from . import ops
+from .ops import reference
 
 
 def _median_ms(fn, repeats):

@@ -18,7 +18,7 @@ import math
 import os
 import sys
 
-from .models import DEFAULT_MODEL
+from .evaluation.models import DEFAULT_MODEL
 
 
 class UserError(Exception):
@@ -53,7 +53,7 @@ def _existing_dir(path, what):
 
 def _load_base(name_or_path):
     """(model, tokenizer, folder) of a local HF folder or the embedded default model's name."""
-    from . import models
+    from .evaluation import models
 
     try:
         path = models.resolve(name_or_path)
@@ -112,7 +112,7 @@ def _fill(text):
 
 def _steering_settings(args):
     """(mu, alpha, fill): from --mu/--alpha/--fill, else the adapter's steering_config.json."""
-    from .calibration import CalibrationResult
+    from .adaptation.calibration import CalibrationResult
 
     calibration = args.calibration or args.adapter
     if args.mu is None:
@@ -130,7 +130,7 @@ def _steering_settings(args):
 
 
 def cmd_warm_start(args):
-    from .training import warm_start
+    from .adaptation.training import warm_start
 
     examples = _read_records(args.data, "training data")
     model, tokenizer, _ = _load_base(args.model)
@@ -141,7 +141,7 @@ def cmd_warm_start(args):
 
 
 def cmd_calibrate(args):
-    from .calibration import calibrate
+    from .adaptation.calibration import calibrate
 
     examples = _read_records(args.data, "calibration data")
     peft_model, tokenizer = _load_adapted(args.model, args.adapter)
@@ -153,8 +153,8 @@ def cmd_calibrate(args):
 
 
 def cmd_generate(args):
-    from .examples import ensure_pad_token
-    from .steering import SteeredModel
+    from .decoding.batching import ensure_pad_token
+    from .decoding import SteeredModel
 
     peft_model, tokenizer = _load_adapted(args.model, args.adapter)
     mu, alpha, fill = _steering_settings(args)
@@ -181,7 +181,7 @@ def cmd_generate(args):
 
 
 def cmd_score(args):
-    from .steering import SteeredModel
+    from .decoding import SteeredModel
 
     records = _read_records(args.data, "multiple-choice data")
     for i, r in enumerate(records):
@@ -216,7 +216,7 @@ def _csv(choices, what):
 
 
 def cmd_prepare(args):
-    from . import data, models
+    from .evaluation import data, models
 
     for what in args.what:
         if what == "model":
@@ -226,7 +226,8 @@ def cmd_prepare(args):
 
 
 def _eval_jobs(args):
-    from . import data, evaluation
+    from . import evaluation
+    from .evaluation import data
 
     if args.preset == "matrix":
         return evaluation.matrix_jobs()
@@ -244,14 +245,15 @@ def _eval_jobs(args):
 
 
 def _sizes(args):
-    from .evaluation import Sizes
+    from .evaluation.harness import Sizes
 
     return Sizes(train=args.train, calib=args.calib, test=args.test, tqa_train=args.tqa_train,
                  tqa_calib=args.tqa_calib, tqa_test=args.tqa_test, seed=args.seed)
 
 
 def _run_eval(args, jobs, sizes):
-    from . import data, evaluation, models
+    from . import evaluation
+    from .evaluation import data, models
 
     try:
         return evaluation.run(jobs, args.out, sizes, model=args.model, protocol=getattr(args, "protocol", "loglik"))
@@ -273,8 +275,9 @@ def cmd_demo(args):
 
     import torch
 
-    from . import data, evaluation
-    from .steering import SteeredModel
+    from . import evaluation
+    from .evaluation import data
+    from .decoding import SteeredModel
 
     start = time.time()
     job = evaluation.Job("lora", 1, ("arc_easy",), ("arc_easy",))
@@ -361,8 +364,8 @@ def build_parser():
                            help='masked tokens when scoring (default keep: under -inf choices tie at -inf)')
             p.add_argument("--normalize", action="store_true", help="length-normalised log-likelihood")
             p.add_argument("--batch-size", type=_positive_int, default=8)
-    from .data import BENCHMARKS, COMMONSENSE
-    from .training import METHODS
+    from .evaluation.data import BENCHMARKS, COMMONSENSE
+    from .adaptation.training import METHODS
 
     p = sub.add_parser("prepare", help="convert the default model and fetch TruthfulQA into the cache, once")
     p.add_argument("what", nargs="*", default=["model", "truthfulqa"], choices=["model", "truthfulqa"])

@@ -11,7 +11,7 @@ from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, 
 
 import svd_fast
 from svd_fast import reference
-from svd_fast.calibration import CalibrationResult, reduce_mu
+from svd_fast.adaptation.calibration import CalibrationResult, reduce_mu
 
 from hf_models import char_tokenizer, tiny_model
 from test_steering import adapted
@@ -161,7 +161,7 @@ def test_warm_start_lowers_the_answer_loss():
 
 
 def direct_loss(model, tok, adapter):
-    from svd_fast.examples import batches
+    from svd_fast.adaptation.examples import batches
 
     ids, mask, labels = next(batches(tok, EXAMPLES, len(EXAMPLES)))
     with torch.no_grad():

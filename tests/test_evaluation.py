@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hf_models import char_tokenizer, tiny_model
-from svd_fast import data, evaluation, models, reference
-from svd_fast.examples import collate
-from svd_fast.steering import SteeredModel
-from svd_fast.training import preset_config
+from svd_fast import evaluation, reference
+from svd_fast.decoding.batching import collate
+from svd_fast.evaluation import data, harness, models
+from svd_fast.decoding import SteeredModel
+from svd_fast.adaptation.training import preset_config
 
 # ---------------------------------------------------------------------------------------------------
 # Loaders and splits
@@ -193,8 +194,8 @@ def fake_world(tmp_path, monkeypatch):
                           for i in range(30)]
     monkeypatch.setattr(data, "load_benchmark", lambda name, cache=None, template="cloze": pool[name])
     calls = []
-    real = evaluation.calibrate_sweep
-    monkeypatch.setattr(evaluation, "calibrate_sweep", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = harness.calibrate_sweep
+    monkeypatch.setattr(harness, "calibrate_sweep", lambda *a, **k: calls.append(1) or real(*a, **k))
     return str(folder), calls
 
 
@@ -261,7 +262,7 @@ def test_a_failing_job_keeps_the_others_and_is_retried(fake_world, tmp_path, mon
     out = str(tmp_path / "run")
     jobs = [evaluation.Job("prompt", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3),
             evaluation.Job("lora", train_on=("piqa",), eval_on=("piqa",), lr=1e-3)]
-    import svd_fast.training as training
+    import svd_fast.adaptation.training as training
 
     real = training.warm_start
 

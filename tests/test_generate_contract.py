@@ -9,7 +9,7 @@ from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from peft import LoraConfig, get_peft_model
 
 from svd_fast import reference
-from svd_fast.steering import SteeredModel, SteeringLogitsProcessor
+from svd_fast.decoding import SteeredModel, SteeringLogitsProcessor
 
 from hf_models import char_tokenizer, tiny_model
 from test_steering import PROMPTS, adapted, left_padded
@@ -17,14 +17,14 @@ from test_steering import PROMPTS, adapted, left_padded
 # (method, one_forward) -> the route SteeredModel takes
 ROUTES = {("lora", "auto"): "lora", ("lora_embed", "auto"): "mixed", ("ia3", "auto"): "ia3",
           ("prompt", "auto"): "virtual", ("ptuning_v2", "auto"): "virtual", ("lora", False): "two",
-          ("loha", "auto"): "two"}
+          ("loha", "auto"): "tuner", ("dora", "auto"): "tuner"}
 CACHED_ROUTES = list(ROUTES)
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
 def steered_for(method, one_forward, **kwargs):
     steered = SteeredModel(adapted("llama", method), mu=2.0, alpha=0.3, one_forward=one_forward, **kwargs)
-    assert steered.route == ROUTES[(method, one_forward)]
+    assert steered.route.name == ROUTES[(method, one_forward)]
     return steered
 
 

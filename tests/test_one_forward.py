@@ -3,16 +3,18 @@ model's logits and the adapter rows the PEFT model's, at prefill and across cach
 import pytest
 import torch
 
-from svd_fast.steering import SteeredModel
+from svd_fast.decoding import SteeredModel
 
 from hf_models import char_tokenizer
 from test_steering import PROMPTS, adapted, full_recompute_pair, left_padded
 
-METHODS = ["lora", "lora_embed", "ia3", "prompt", "ptuning_v2"]
+TUNERS = ["dora", "loha", "lokr", "vera", "oft", "adalora"]  # the generic route of tuner layers on adapter rows
+METHODS = ["lora", "lora_embed", "ia3", "prompt", "ptuning_v2", *TUNERS]
 EXPECTED_MODE = {"lora": "one-forward (LoRA on adapter rows)", "lora_embed": "one-forward (mixed-adapter batch)",
                  "ia3": "one-forward (per-row IA3)",
                  "prompt": "one-forward (virtual tokens on adapter rows)",
-                 "ptuning_v2": "one-forward (virtual tokens on adapter rows)"}
+                 "ptuning_v2": "one-forward (virtual tokens on adapter rows)",
+                 **{method: "one-forward (tuner layers on adapter rows)" for method in TUNERS}}
 
 
 def assert_rows_over_cached_steps(steered, expected_pair, steps):
@@ -81,9 +83,9 @@ def test_lora_rows_with_gradients_and_after_a_merge():
 def test_adapter_rows_of_a_layer_input():
     """The per-row paths find the adapter rows of a layer's input: batch first, or batch and positions
     flattened (a MoE gate); tokens routed to a MoE expert mix both halves and are refused, never split."""
-    from svd_fast.steering import _AdapterRows
+    from svd_fast.decoding.row_split import AdapterRows
 
-    rows, layer = _AdapterRows(n=3, width=5), torch.nn.Linear(4, 4)
+    rows, layer = AdapterRows(n=3, width=5), torch.nn.Linear(4, 4)
     assert rows.of(torch.zeros(6, 5, 4), layer) == 3
     assert rows.of(torch.zeros(6, 4), layer) == 3
     assert rows.of(torch.zeros(30, 4), layer) == 15

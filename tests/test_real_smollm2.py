@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from svd_fast import data, evaluation, models
+from svd_fast import evaluation
+from svd_fast.decoding import SteeredModel
+from svd_fast.evaluation import data, models
 
 SIZES = {"boolq": 3270, "piqa": 1838, "social_iqa": 1954, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 570,
          "arc_challenge": 299, "openbookqa": 500, "truthfulqa": 299}
@@ -57,7 +59,7 @@ def test_pipeline_on_real_data(smollm2, tmp_path):
         with torch.no_grad():
             logits = peft_model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
         expected.append(float(logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum()))
-    steered = evaluation.SteeredModel(peft_model, mu=0.0, fill="keep")
+    steered = SteeredModel(peft_model, mu=0.0, fill="keep")
     sums, _ = evaluation.score_question(steered, tokenizer, question, {})
     np.testing.assert_allclose(sums["adapter"], expected, atol=2e-3)
 

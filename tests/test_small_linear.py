@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import svd_fast
-from svd_fast.cpu_decode import small_batch_linears
+from svd_fast.decoding.cpu_linear import small_batch_linears
 
 from conftest import CPU_TARGETS, backend
 from hf_models import tiny_model

@@ -2,10 +2,11 @@
 recompute and the reference op, on tiny random Llama, Qwen2 and GPT-2 models."""
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PrefixTuningConfig,
+                  PromptTuningConfig, VeraConfig, get_peft_model)
 
 from svd_fast import reference
-from svd_fast.steering import SteeredModel, SteeringLogitsProcessor
+from svd_fast.decoding import SteeredModel, SteeringLogitsProcessor
 
 from hf_models import char_tokenizer, tiny_model
 
@@ -21,6 +22,17 @@ def adapter_config(method, arch):
                           task_type="CAUSAL_LM")
     if method == "loha":
         return LoHaConfig(r=4, alpha=8, target_modules=attention, init_weights=False, task_type="CAUSAL_LM")
+    if method == "lokr":
+        return LoKrConfig(r=4, alpha=8, target_modules=attention, init_weights=False, task_type="CAUSAL_LM")
+    if method == "dora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=attention, use_dora=True, init_lora_weights=False,
+                          task_type="CAUSAL_LM")
+    if method == "vera":
+        return VeraConfig(r=4, target_modules=attention, task_type="CAUSAL_LM")
+    if method == "oft":
+        return OFTConfig(r=0, oft_block_size=8, target_modules=attention, init_weights=False, task_type="CAUSAL_LM")
+    if method == "adalora":
+        return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=attention, task_type="CAUSAL_LM")
     if method == "ia3":
         ff = ["c_fc"] if arch == "gpt2" else ["down_proj"]
         return IA3Config(target_modules=attention + ff, feedforward_modules=ff, init_ia3_weights=False,
@@ -42,6 +54,12 @@ def adapted(arch="llama", method="lora", seed=0):
             for name, p in model.named_parameters():
                 if "prompt_encoder" in name:
                     p.normal_(0, 1.0)
+    if method in ("vera", "adalora"):  # initialised to the identity: move every trained weight
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.5)
     return model
 
 
@@ -93,8 +111,7 @@ def test_greedy_matches_two_model_reference(arch, method):
     tok = char_tokenizer()
     batch = left_padded(tok, PROMPTS)
     steered = SteeredModel(model, mu=4.0, alpha=0.3)
-    # PEFT's LoHa layers ignore mixed-batch adapter names, so LoHa takes two forwards
-    assert steered.mode.startswith("two-forward" if method == "loha" else "one-forward")
+    assert steered.mode.startswith("one-forward")
     out = steered.generate(**batch, max_new_tokens=10, do_sample=False)
     expected = reference_greedy(model, batch["input_ids"], batch["attention_mask"], 4.0, 0.3, float("-inf"), 10)
     assert out.tolist() == expected.tolist()
@@ -203,9 +220,9 @@ def test_bad_input():
         SteeredModel(model, mu=float("nan"))
     with pytest.raises(ValueError, match="no PEFT adapter named 'other'"):
         SteeredModel(model, mu=1.0, adapter_name="other")
-    with pytest.raises(ValueError, match="no one-forward path"):
-        SteeredModel(get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)),
-                     mu=1.0, one_forward=True)
+    with pytest.raises(ValueError, match="no one-forward path: no one-forward route takes HRA adapters"):
+        SteeredModel(get_peft_model(tiny_model("llama"), HRAConfig(r=2, target_modules=["q_proj"])), mu=1.0,
+                     one_forward=True)
     tok.padding_side = "right"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     with pytest.raises(ValueError, match="left padding"):
@@ -267,7 +284,7 @@ def test_adapter_that_resized_the_vocabulary_is_refused():
 def test_cpu_decode_steps_use_the_small_batch_kernel(method, monkeypatch):
     """Decode steps (2B <= 16 rows) run the frozen linears through the kernel, prefill does not; the
     switch turns it off; scores agree with the stock path and greedy tokens are identical."""
-    import svd_fast.cpu_decode as cpu_decode
+    import svd_fast.decoding.cpu_linear as cpu_decode
 
     model = adapted("llama", method)
     tok = char_tokenizer()

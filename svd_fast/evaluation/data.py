@@ -76,6 +76,11 @@ class Split:
         return {"train": len(self.train), "calib": len(self.calib), "test": len(self.test)}
 
 
+def metric_names(benchmark):
+    """The metrics a benchmark is scored on: accuracy, or TruthfulQA's MC1, MC2 and MC3."""
+    return ("mc1", "mc2", "mc3") if benchmark == TRUTHFULQA else ("acc",)
+
+
 def commonsense_prompt(question, options, template="choices"):
     """choices: the question, the options and "the correct answer is" (the paper's protocol, needed when the
     model generates its answer); cloze: the question and "Answer:" (the options are only scored, which

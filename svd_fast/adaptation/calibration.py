@@ -13,11 +13,12 @@ import os
 
 import torch
 
-from . import ops
-from ._version import __version__
+from tqdm.auto import tqdm
+
+from .. import ops
+from .._version import __version__
+from ..decoding import SteeredModel
 from .examples import batches, check_examples
-from .progress import progress_bar
-from .steering import SteeredModel
 
 REDUCERS = ("mean", "median", "trimmed", "ratio")
 CONFIG_NAME = "steering_config.json"
@@ -164,8 +165,8 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
     n_targets = 0
     n_batches = math.ceil(len(shard) / batch_size)
     try:
-        for input_ids, mask, labels in progress_bar(batches(tokenizer, shard, batch_size, max_length), n_batches,
-                                                 progress and rank == 0, "calibrating mu"):
+        for input_ids, mask, labels in tqdm(batches(tokenizer, shard, batch_size, max_length), total=n_batches,
+                                            desc="calibrating mu", unit="batch", disable=not (progress and rank == 0)):
             z_a, z_b, _ = steered.logits_pair(input_ids.to(device), mask.to(device))
             targets = labels[:, 1:].to(device)  # logits at t predict the token at t + 1
             n_targets += int((targets != -100).sum())

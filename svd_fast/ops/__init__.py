@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import reference
 
 __all__ = [
+    "reference",
     "steering_vector",
     "steer_logits",
     "token_mu",
@@ -41,7 +42,7 @@ _REBUILD_HINT = "rebuild with `pip install --no-build-isolation .` (see README)"
 
 def _load_extension():
     try:
-        from . import _C  # noqa: F401  (loading the library registers torch.ops.svd_fast)
+        from .. import _C  # noqa: F401  (loading the library registers torch.ops.svd_fast)
     except ImportError as err:
         warnings.warn(
             f"svd_fast: compiled kernels not found ({err}); using the PyTorch reference, which is slower. "

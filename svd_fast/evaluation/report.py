@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from .evaluation import metric_names
+from .data import metric_names
 
 ROBUSTNESS = ("median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7", "alpha=0.9",
               "mu=-1", "mu=+1", "mu=+3")

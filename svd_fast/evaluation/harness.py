@@ -14,19 +14,20 @@ on a rerun with the same settings, so an interrupted run resumes where it stoppe
 """
 import dataclasses
 import json
-import math
 import os
 import sys
 
 import numpy as np
 import torch
 
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..adaptation.calibration import CalibrationResult, calibrate_sweep
+from ..decoding.batching import collate
+from ..decoding import SteeredModel
 from . import data as datasets_
-from . import ops
-from .calibration import CalibrationResult, calibrate_sweep
-from .examples import collate
-from .progress import progress_bar
-from .steering import SteeredModel
+from .statistics import summarise_cell
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 NO_MASK_ALPHA = 1e-30  # keeps every token within 69 nats of the top; below that delta is 0 in float32 anyway
@@ -178,7 +179,7 @@ def generate_choices(steered, tokenizer, questions, settings, batch_size=8, prog
     tokenizer.padding_side = "left"
     try:
         starts = range(0, len(questions), batch_size)
-        for start in progress_bar(starts, len(starts), progress, desc, unit="batch"):
+        for start in tqdm(starts, total=len(starts), desc=desc, unit="batch", disable=not progress):
             chunk = questions[start:start + batch_size]
             enc = tokenizer([q.prompt for q in chunk], return_tensors="pt", padding=True).to(device)
             longest = max(len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for q in chunk
@@ -213,45 +214,6 @@ def question_metrics(question, option_sums, lengths):
         return {"mc1": float(sums[question.label] > top_false), "mc2": float(mass[:question.n_true].sum() / mass.sum()),
                 "mc3": float((true > top_false).mean())}
     return {"acc": float(int(np.argmax(sums / np.asarray(lengths))) == question.label)}
-
-
-def metric_names(benchmark):
-    return ("mc1", "mc2", "mc3") if benchmark == datasets_.TRUTHFULQA else ("acc",)
-
-
-def bootstrap_ci(values, draws=2000, seed=0):
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return [math.nan, math.nan]
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
-
-
-def paired_test(baseline, treated, draws=10000, seed=0):
-    """Two-sided sign-flip permutation test of mean(treated - baseline) = 0 (McNemar's test for 0/1 values)."""
-    diff = np.asarray(treated, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    diff = diff[diff != 0]
-    if len(diff) == 0:
-        return 1.0
-    observed = abs(diff.sum())
-    rng = np.random.default_rng(seed)
-    signs = rng.choice((-1.0, 1.0), size=(draws, len(diff)))
-    return float(((np.abs((signs * diff).sum(1)) >= observed - 1e-12).sum() + 1) / (draws + 1))
-
-
-def summarise_cell(per_question, benchmark, baseline="adapter", treated="steered"):
-    """{metric: {variant: {"mean", "ci"}, "delta": {...}, "p": ...}} for one benchmark."""
-    out = {}
-    for metric in metric_names(benchmark):
-        by_variant = {name: [q[name][metric] for q in per_question] for name in per_question[0]}
-        entry = {name: {"mean": float(np.mean(v)), "ci": bootstrap_ci(v)} for name, v in by_variant.items()}
-        if baseline in by_variant and treated in by_variant:
-            diff = np.asarray(by_variant[treated]) - np.asarray(by_variant[baseline])
-            entry["delta"] = {"mean": float(diff.mean()), "ci": bootstrap_ci(diff)}
-            entry["p"] = paired_test(by_variant[baseline], by_variant[treated])
-        out[metric] = entry
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,7 +278,7 @@ def load_job(out, job, model="smollm2-135m-instruct", cache=None):
 def _prepare_adapter(job, base_path, questions, folder, progress, log):
     """The job's warm-started and calibrated adapter: trained and saved, or loaded from `folder`."""
     from . import models
-    from .training import warm_start
+    from ..adaptation.training import warm_start
 
     calib_path = os.path.join(folder, "calibration.json")
     if os.path.exists(calib_path):
@@ -341,7 +303,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
         log=None):
     """Runs the jobs (skipping finished stages) and writes results.json, results.md and plots/ under `out`."""
     from . import models
-    from .training import METHODS
+    from ..adaptation.training import METHODS
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -394,7 +356,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
 def collect(out):
     """Every finished cell and calibration of the run folder (summaries only; per-question data stay in
     cells/), in method, job and benchmark order."""
-    from .training import METHODS
+    from ..adaptation.training import METHODS
 
     cells = []
     cell_dir = os.path.join(out, "cells")
@@ -426,7 +388,7 @@ def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, que
     log(f"[{job.name}] {benchmark}: {len(test)} test questions, mu_bar {mu_bar:+.3f} ({steered.mode})")
     per_question = []
     if protocol == "loglik":
-        for q in progress_bar(test, len(test), progress, f"{job.name} / {benchmark}", unit="q"):
+        for q in tqdm(test, total=len(test), desc=f"{job.name} / {benchmark}", unit="q", disable=not progress):
             sums, lengths = score_question(steered, tokenizer, q, scored)
             per_question.append({name: question_metrics(q, s, lengths) for name, s in sums.items()})
     else:
@@ -446,5 +408,5 @@ def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, que
     _write_json(_cell_path(out, job, benchmark, protocol), cell)
     s = cell["summary"]
     line = ", ".join(f"{m} {s[m]['adapter']['mean']:.3f} -> {s[m]['steered']['mean']:.3f} (p={s[m]['p']:.2f})"
-                     for m in metric_names(benchmark))
+                     for m in datasets_.metric_names(benchmark))
     log(f"[{job.name}] {benchmark}: {line}")

@@ -3,9 +3,9 @@ import math
 import random
 
 import torch
+from tqdm.auto import tqdm
 
 from .examples import batches, check_examples
-from .progress import progress_bar
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FEED_FORWARD = ["up_proj", "down_proj"]
@@ -68,8 +68,8 @@ def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-
         shuffled = examples[:]
         order.shuffle(shuffled)
         running = 0.0
-        bar = progress_bar(batches(tokenizer, shuffled, batch_size, max_length), steps, progress,
-                        f"warm start ({method if isinstance(method, str) else type(method).__name__}) "
+        bar = tqdm(batches(tokenizer, shuffled, batch_size, max_length), total=steps, unit="batch", disable=not progress,
+                   desc=f"warm start ({method if isinstance(method, str) else type(method).__name__}) "
                         f"epoch {epoch + 1}/{epochs}")
         for step, (input_ids, mask, labels) in enumerate(bar, 1):
             with autocast:

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from . import ops
+from .. import ops
 from .patching import replaced_forwards
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)

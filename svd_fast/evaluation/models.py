@@ -94,7 +94,7 @@ def load(name_or_path=DEFAULT_MODEL, cache=None, dtype=None, device="cpu", progr
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .examples import ensure_pad_token
+    from ..decoding.batching import ensure_pad_token
 
     path = resolve(name_or_path, cache, progress)
     try:

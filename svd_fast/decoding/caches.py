@@ -1,0 +1,61 @@
+"""The KV caches of steered decoding: one of 2B rows for the one-forward routes, a pair for two forwards."""
+import contextlib
+
+import torch
+from transformers import DynamicCache
+
+
+class PairedCache(DynamicCache):
+    """The KV cache of a 2B-row batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both.
+
+    With prompt or prefix tuning its first `virtual_tokens` positions hold the virtual tokens (masked out
+    for the base rows). HF generate reads get_seq_length() as the number of tokens of the sequence it
+    holds (to continue from a returned cache), the model's own forward as the number of positions stored
+    (masks, query offsets): it counts the real tokens only, except inside `model_forward()`."""
+
+    virtual_tokens = 0
+    route = None  # the name of the route that filled it
+    _in_model_forward = False
+
+    def get_seq_length(self, *args, **kwargs):
+        stored = super().get_seq_length(*args, **kwargs)
+        return stored if self._in_model_forward else max(0, stored - self.virtual_tokens)
+
+    def stored_length(self):
+        return super().get_seq_length()
+
+    @contextlib.contextmanager
+    def model_forward(self):
+        self._in_model_forward = True
+        try:
+            yield
+        finally:
+            self._in_model_forward = False
+
+    def reorder_cache(self, beam_idx):
+        """beam_idx picks adapted rows; the base rows follow. It may also grow the batch (one prompt's cache
+        shared by several continuations)."""
+        filled = [layer.keys for layer in self.layers if getattr(layer, "keys", None) is not None]
+        half = filled[0].shape[0] // 2 if filled else beam_idx.numel()
+        super().reorder_cache(torch.cat([beam_idx, beam_idx + half]))
+
+
+class TwoCaches(DynamicCache):
+    """Separate KV caches for the adapted and the base forward."""
+
+    route = "two"
+
+    def __init__(self):
+        super().__init__()
+        self.adapted, self.base = DynamicCache(), DynamicCache()
+
+    def get_seq_length(self, *args, **kwargs):
+        return self.adapted.get_seq_length(*args, **kwargs)
+
+    @property
+    def is_linear(self):  # read by HF generate (>= 5) to decide how much of a continued prompt is cached
+        return self.adapted.is_linear
+
+    def reorder_cache(self, beam_idx):
+        self.adapted.reorder_cache(beam_idx)
+        self.base.reorder_cache(beam_idx)

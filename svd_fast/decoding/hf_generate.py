@@ -1,0 +1,89 @@
+"""What HuggingFace `generate` drives for SteeredModel: a thin causal LM whose logits are the steered ones,
+and the fallback for rows whose keep set the logits processors empty."""
+import copy
+import warnings
+
+import torch
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .caches import PairedCache, TwoCaches
+
+
+class SteeredCausalLM(PreTrainedModel, GenerationMixin):
+    """What HF `generate` drives: a causal LM whose logits are the steered ones."""
+
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, steered):
+        base = steered.model.get_base_model()
+        super().__init__(copy.deepcopy(base.config))
+        self.steered = steered
+        self.inner = steered.model  # registered, so .device and .dtype follow the real weights
+        self.generation_config = copy.deepcopy(base.generation_config)
+        self.last_adapted_logits = None  # z_a at the last position of the last step, for EmptyKeepSetFallback
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                use_cache=True, logits_to_keep=None, inputs_embeds=None, **_):
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            self.steered._check_cache(cache, use_cache)
+        if not use_cache or not isinstance(cache, (PairedCache, TwoCaches)):
+            cache = None  # generate's own empty cache (or none wanted): ours replaces it
+        z_a, z_b, cache = self.steered.logits_pair(input_ids, attention_mask, position_ids, cache, logits_to_keep,
+                                                   inputs_embeds)
+        self.last_adapted_logits = z_a[:, -1]
+        output = CausalLMOutputWithPast(logits=self.steered.steer(z_a, z_b))
+        if use_cache:
+            output["past_key_values"] = cache
+        return output
+
+    def _reorder_cache(self, cache, beam_idx):
+        cache.reorder_cache(beam_idx)
+        return cache
+
+    def _get_logits_processor(self, *args, **kwargs):
+        # HF's private builder of a generate call's processors (same signature in transformers 4.56 to 5.24,
+        # tested in CI on both): wrapped to give rows whose keep set the processors empty a fallback.
+        processors = super()._get_logits_processor(*args, **kwargs)
+        config = kwargs.get("generation_config", args[0] if args else None)
+        beams = isinstance(config, GenerationConfig) and (config.num_beams or 1) > 1
+        return EmptyKeepSetFallback(processors, self, log_probs=beams)
+
+
+class EmptyKeepSetFallback(LogitsProcessorList):
+    """HF's logits processors for a steered generate call, with a fallback for rows they leave no token in.
+
+    Under fill=-inf only the keep set is finite; a processor that runs after steering (min_new_tokens
+    banning EOS, suppress_tokens, bad_words_ids, ...) can remove all of it. Such a row then takes, at that
+    step, the adapter's own distribution through the same processors (log-probabilities under beam search,
+    which scores log-probabilities), with one warning per generate call. The processors then run twice at
+    that step (a stateful one advances twice). Greedy, sampling and beam search; modes that score other
+    rows than the last forward's (assisted decoding, transformers 4.x group beam search) get no fallback."""
+
+    def __init__(self, processors, lm, log_probs):
+        super().__init__(processors)
+        self.lm, self.log_probs, self.warned = lm, log_probs, False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        adapted = self.lm.last_adapted_logits  # before the processors: one of them may run the model again
+        processed = super().__call__(input_ids, scores, **kwargs)
+        if adapted is None or adapted.shape != scores.shape or self.lm.steered.fill != float("-inf"):
+            return processed
+        emptied = (processed == float("-inf")).all(-1) & ~(scores == float("-inf")).all(-1)
+        if not bool(emptied.any()):
+            return processed
+        fallback = adapted.to(scores.dtype)
+        fallback = super().__call__(input_ids, fallback.log_softmax(-1) if self.log_probs else fallback, **kwargs)
+        if not self.warned:
+            self.warned = True
+            warnings.warn(f"svd_fast: logits processors applied after steering removed every token of the keep set "
+                          f"(fill=-inf) in {int(emptied.sum())} row(s) at step {input_ids.shape[1]}, e.g. min_new_tokens "
+                          "banning EOS or suppress_tokens; those rows take the adapter's own (unsteered) distribution "
+                          "at such steps. fill='keep' keeps the masked tokens available instead.", UserWarning,
+                          stacklevel=2)
+        return torch.where(emptied[:, None], fallback, processed)

@@ -1,0 +1,103 @@
+"""The interface every route implements, and the forward of 2B rows that the per-row routes share.
+
+A route is one way of getting both distributions of a decoding step, the adapted model's and the base
+model's. `SteeredModel` asks each route in turn (routes/__init__.py) whether it takes the PEFT model and
+keeps the first that does; a new way is a new file with a subclass of `Route`.
+"""
+import dataclasses
+import inspect
+
+import torch
+
+from ..caches import PairedCache
+
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+def positions_from_mask(attention_mask):
+    """Position ids of left-padded rows, as HF generate computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_kwarg(model):
+    """transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclasses.dataclass
+class Step:
+    """One forward's inputs: input_ids [B, T] or inputs_embeds [B, T, H]; attention_mask [B, cached + T];
+    position_ids [B, T], the base rows' (from the mask); extra keyword arguments (logits_to_keep)."""
+
+    input_ids: torch.Tensor
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    extra: dict
+
+    @property
+    def tokens(self):
+        return self.input_ids if self.inputs_embeds is None else self.inputs_embeds
+
+    @property
+    def rows(self):
+        return self.tokens.shape[0]
+
+    @property
+    def length(self):
+        return self.tokens.shape[1]
+
+    def inputs(self, repeat=1):
+        """{"input_ids": ...} or {"inputs_embeds": ...}, the batch `repeat` times over."""
+        name = "input_ids" if self.inputs_embeds is None else "inputs_embeds"
+        return {name: torch.cat([self.tokens] * repeat) if repeat > 1 else self.tokens}
+
+
+class Route:
+    """Both distributions of a step. `name` is stored on the caches the route fills; `mode` is what
+    `SteeredModel.mode` says; `cache_class` is the cache it fills (None: it keeps none, every step recomputes
+    the sequence). `steered` is the SteeredModel: the PEFT model, its adapter and config, and the per-row
+    runner of its saved modules (`steered.auxiliary`)."""
+
+    name = ""
+    mode = ""
+    cache_class = None
+
+    def __init__(self, steered):
+        self.steered = steered
+
+    @classmethod
+    def unsupported(cls, steered):
+        """None when the route takes this PEFT model, else why not (one clause)."""
+        raise NotImplementedError
+
+    def logits_pair(self, step, cache):
+        """(z_adapted, z_base, cache) for the step: [B, T, V] logits each; `cache` None at the first step."""
+        raise NotImplementedError
+
+
+class PairedRowsRoute(Route):
+    """One forward of 2B rows, the batch twice: rows [0, B) with the adapter, [B, 2B) without, one KV cache.
+    A subclass says how its tuner layers run on the adapter rows only (`adapter_rows`, and any extra keyword
+    arguments of the model's forward, `forward_kwargs`)."""
+
+    cache_class = PairedCache
+
+    def adapter_rows(self, n, width):
+        """A context inside which the tuner layers act on the first n (of 2n) sequences of `width` positions."""
+        raise NotImplementedError
+
+    def forward_kwargs(self, n):
+        return {}
+
+    def logits_pair(self, step, cache):
+        if cache is None:
+            cache = PairedCache()
+            cache.route = self.name
+        n, steered = step.rows, self.steered
+        kwargs = dict(**step.inputs(repeat=2), attention_mask=torch.cat([step.attention_mask] * 2),
+                      position_ids=torch.cat([step.position_ids] * 2), use_cache=True,
+                      **{steered.cache_kwarg: cache}, **step.extra, **self.forward_kwargs(n))
+        with steered.auxiliary.adapter_rows(n, step.length), self.adapter_rows(n, step.length):
+            logits = steered.model(**kwargs).logits
+        return logits[:n], logits[n:], cache

@@ -1,0 +1,29 @@
+"""The evaluation on a real model, offline: the default model from its PyPI package (`models`), the
+benchmarks and their splits (`data`), the resumable harness (`harness`: jobs, scoring, cells), its
+statistics (`statistics`) and the tables and plots (`report`).
+
+    from svd_fast.evaluation import data, models
+    results = svd_fast.evaluation.run([svd_fast.evaluation.Job("lora", train_on=("piqa",), eval_on=("piqa",))], "runs/b")
+
+The harness's names load on first use (they pull in transformers and peft).
+"""
+from . import data, models
+
+_HARNESS = ("Job", "Sizes", "run", "collect", "load_job", "matrix_jobs", "variants", "question_metrics", "parse_choice",
+            "score_question", "option_logits", "generate_choices", "ALPHAS", "FIXED_MU", "LEARNING_RATES", "NO_MASK_ALPHA",
+            "PROTOCOLS")
+_STATISTICS = ("bootstrap_ci", "paired_test", "summarise_cell")
+
+__all__ = ["data", "models", *_HARNESS, *_STATISTICS]
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _HARNESS:
+        return getattr(importlib.import_module(".harness", __name__), name)
+    if name in _STATISTICS:
+        return getattr(importlib.import_module(".statistics", __name__), name)
+    if name in ("harness", "statistics", "report"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,41 @@
+"""The statistics of the evaluation: bootstrap intervals, the paired test, and a benchmark cell's summary."""
+import math
+
+import numpy as np
+
+from .data import metric_names
+
+
+def bootstrap_ci(values, draws=2000, seed=0):
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def paired_test(baseline, treated, draws=10000, seed=0):
+    """Two-sided sign-flip permutation test of mean(treated - baseline) = 0 (McNemar's test for 0/1 values)."""
+    diff = np.asarray(treated, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    diff = diff[diff != 0]
+    if len(diff) == 0:
+        return 1.0
+    observed = abs(diff.sum())
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((-1.0, 1.0), size=(draws, len(diff)))
+    return float(((np.abs((signs * diff).sum(1)) >= observed - 1e-12).sum() + 1) / (draws + 1))
+
+
+def summarise_cell(per_question, benchmark, baseline="adapter", treated="steered"):
+    """{metric: {variant: {"mean", "ci"}, "delta": {...}, "p": ...}} for one benchmark."""
+    out = {}
+    for metric in metric_names(benchmark):
+        by_variant = {name: [q[name][metric] for q in per_question] for name in per_question[0]}
+        entry = {name: {"mean": float(np.mean(v)), "ci": bootstrap_ci(v)} for name, v in by_variant.items()}
+        if baseline in by_variant and treated in by_variant:
+            diff = np.asarray(by_variant[treated]) - np.asarray(by_variant[baseline])
+            entry["delta"] = {"mean": float(diff.mean()), "ci": bootstrap_ci(diff)}
+            entry["p"] = paired_test(by_variant[baseline], by_variant[treated])
+        out[metric] = entry
+    return out
