@@ -1,6 +1,7 @@
 """Decode throughput, side by side in one run: (a) plain PEFT generate with the adapter, (b) steering
 with two separate forwards, (c) steering with one forward of 2B rows; for each of the paper's PEFT
-methods with SPEC 5's settings (LoRA r=8 on q, k, v, o; IA3; prompt tuning; P-tuning v2).
+methods with SPEC 5's settings (LoRA r=8 on q, k, v, o; IA3; prompt tuning; P-tuning v2), and for the
+tuners of the generic route (DoRA, LoHa, LoKr, VeRA, OFT, AdaLoRA; rank 8 on q, k, v, o).
 
 A random Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9 heads, 3 KV heads, intermediate 1536,
 vocab 49152, tied embeddings); 64 new tokens, greedy, batch 1 and 8.
@@ -10,14 +11,15 @@ vocab 49152, tied embeddings); 64 new tokens, greedy, batch 1 and 8.
 """
 import time
 
+import peft
 import pytest
 import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import svd_fast
-from svd_fast.decoding import SteeredModel
 from svd_fast.adaptation.training import preset_config
+from svd_fast.decoding import SteeredModel
 
 from machine import describe
 
@@ -34,9 +36,22 @@ def base_model():
     return LlamaForCausalLM(config).to(DEVICE).eval()
 
 
-@pytest.fixture(scope="module", params=["lora", "ia3", "prompt", "ptuning_v2"])
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TUNER_CONFIGS = {  # the generic route's tuners, rank 8 on the attention projections as SPEC 5's LoRA
+    "dora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=ATTENTION, use_dora=True),
+    "loha": lambda: peft.LoHaConfig(r=8, alpha=16, target_modules=ATTENTION),
+    "lokr": lambda: peft.LoKrConfig(r=8, alpha=16, target_modules=ATTENTION),
+    "vera": lambda: peft.VeraConfig(r=8, target_modules=ATTENTION),
+    "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, target_modules=ATTENTION),
+    "adalora": lambda: peft.AdaLoraConfig(init_r=8, target_r=8, total_step=100, target_modules=ATTENTION),
+}
+
+
+@pytest.fixture(scope="module", params=["lora", "ia3", "prompt", "ptuning_v2", *TUNER_CONFIGS])
 def peft_model(request, base_model):
-    model = get_peft_model(base_model, preset_config(request.param, base_model)).eval()
+    config = TUNER_CONFIGS[request.param]() if request.param in TUNER_CONFIGS else preset_config(request.param, base_model)
+    config.task_type = "CAUSAL_LM"
+    model = get_peft_model(base_model, config).eval()
     yield request.param, model
     if not model.peft_config["default"].is_prompt_learning:
         model.unload()  # the base model's layers back as they were (prompt learning never changed them)

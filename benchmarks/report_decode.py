@@ -19,7 +19,8 @@ def main(path):
     print("| method | batch | (a) plain adapter tok/s | (b) two forwards tok/s | (c) one forward tok/s | (c) / (b) "
           "| (c) / (a) | steer op share of a (c) step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    order = {"lora": 0, "ia3": 1, "prompt": 2, "ptuning_v2": 3}
+    order = {m: i for i, m in enumerate(("lora", "ia3", "prompt", "ptuning_v2", "dora", "loha", "lokr", "vera", "oft",
+                                        "adalora"))}
     for method, batch in sorted({(m, b) for m, b, _ in cells}, key=lambda k: (order.get(k[0], 9), k[1])):
         secs = {mode: cells[(method, batch, mode)][0] for mode in ("plain_adapter", "two_forward", "one_forward")}
         tps = {mode: batch * info["new_tokens"] / s for mode, s in secs.items()}
