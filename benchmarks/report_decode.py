@@ -11,8 +11,9 @@ def main(path):
         info = bench["extra_info"]
         cells[(info.get("method", "lora"), info["batch"], info["mode"])] = (bench["stats"]["median"], info)
     info = next(iter(cells.values()))[1]
-    print(f"Decode throughput, {info['new_tokens']} new tokens, greedy; {info['machine']} ({info['device']}, "
-          f"torch {info['torch']}); median of the timed rounds; the three modes of a row come from one run.")
+    machine = info["machine"] if "torch" in info["machine"] else f"{info['machine']}, torch {info['torch']}"
+    print(f"Decode throughput, {info['new_tokens']} new tokens, greedy; {machine} ({info['device']}); median of the "
+          "timed rounds; the three modes of a row come from one run.")
     for note in data.get("notes", []):
         print(f"Note: {note}.")
     print()

@@ -47,6 +47,13 @@ class PerRowSplit:
         return replaced_forwards(self.forwards)
 
 
+def check_unmerged(layer):
+    """The per-row paths need the base weights apart from the adapter's: a merged adapter is refused."""
+    if layer.merged:
+        raise RuntimeError("the adapter was merged into the weights after SteeredModel was built; the base rows need the "
+                           "plain weights: call model.unmerge_adapter() before steering")
+
+
 def auxiliary_wrapper_types():
     """PEFT's wrappers of modules an adapter trains outside its tuner layers: `modules_to_save` and
     `trainable_token_indices` (AuxiliaryTrainingWrapper since peft 0.15)."""

@@ -4,6 +4,7 @@ A route is one way of getting both distributions of a decoding step, the adapted
 model's. `SteeredModel` asks each route in turn (routes/__init__.py) whether it takes the PEFT model and
 keeps the first that does; a new way is a new file with a subclass of `Route`.
 """
+import contextlib
 import dataclasses
 import inspect
 
@@ -78,17 +79,25 @@ class Route:
 
 class PairedRowsRoute(Route):
     """One forward of 2B rows, the batch twice: rows [0, B) with the adapter, [B, 2B) without, one KV cache.
-    A subclass says how its tuner layers run on the adapter rows only (`adapter_rows`, and any extra keyword
-    arguments of the model's forward, `forward_kwargs`)."""
+    A subclass says how its tuner layers run on the adapter rows only: the PerRowSplit that replaces their
+    forwards for the length of a forward (`per_row_split`), or extra keyword arguments of the model's
+    forward (`forward_kwargs`)."""
 
     cache_class = PairedCache
 
-    def adapter_rows(self, n, width):
-        """A context inside which the tuner layers act on the first n (of 2n) sequences of `width` positions."""
-        raise NotImplementedError
+    def __init__(self, steered):
+        super().__init__(steered)
+        self.rows = self.per_row_split(steered)
+
+    def per_row_split(self, steered):
+        return None
 
     def forward_kwargs(self, n):
         return {}
+
+    def adapter_rows(self, n, width):
+        """A context inside which the tuner layers act on the first n (of 2n) sequences of `width` positions."""
+        return contextlib.nullcontext() if self.rows is None else self.rows.adapter_rows(n, width)
 
     def logits_pair(self, step, cache):
         if cache is None:

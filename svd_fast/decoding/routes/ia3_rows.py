@@ -61,9 +61,5 @@ class IA3RowsRoute(PairedRowsRoute):
             return "IA3 layers other than unmerged linear ones"
         return None
 
-    def __init__(self, steered):
-        super().__init__(steered)
-        self.rows = IA3Rows(steered.model, steered.adapter)
-
-    def adapter_rows(self, n, width):
-        return self.rows.adapter_rows(n, width)
+    def per_row_split(self, steered):
+        return IA3Rows(steered.model, steered.adapter)

@@ -4,7 +4,7 @@ forward and gathers the rows by index: ~12 ms of a ~75 ms SmolLM2-135M CPU decod
 import torch
 import torch.nn.functional as F
 
-from ..row_split import PerRowSplit
+from ..row_split import PerRowSplit, check_unmerged
 from .base import PairedRowsRoute
 
 
@@ -34,9 +34,7 @@ class LoraRows(PerRowSplit):
             result = layer.base_layer(x, *args, **kwargs)
             if layer.disable_adapters:
                 return result
-            if layer.merged:
-                raise RuntimeError("the LoRA adapter was merged into the weights after SteeredModel was built; the base "
-                                   "rows need the plain weights: call model.unmerge_adapter() before steering")
+            check_unmerged(layer)
             n = self.rows.of(x, layer)
             a, b = lora_A.weight, lora_B.weight
             if (lora_B.bias is None and result.is_contiguous() and result.dtype == a.dtype == b.dtype
@@ -65,9 +63,5 @@ class LoraRowsRoute(PairedRowsRoute):
             return "LoRA layers other than plain linear ones (embeddings, variants such as DoRA, merged)"
         return None
 
-    def __init__(self, steered):
-        super().__init__(steered)
-        self.rows = LoraRows(steered.model, steered.adapter)
-
-    def adapter_rows(self, n, width):
-        return self.rows.adapter_rows(n, width)
+    def per_row_split(self, steered):
+        return LoraRows(steered.model, steered.adapter)

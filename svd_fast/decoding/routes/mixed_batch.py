@@ -1,7 +1,5 @@
 """LoRA layers other than plain linear ones (embeddings, variants except DoRA) through PEFT's own
 mixed-adapter batch: the adapter's name for the first B rows, "__base__" for the rest."""
-import contextlib
-
 from .base import BASE_ADAPTER, PairedRowsRoute
 
 
@@ -16,9 +14,6 @@ class MixedBatchRoute(PairedRowsRoute):
         if getattr(steered.peft_config, "use_dora", False):
             return "PEFT's mixed-adapter batches do not serve DoRA"
         return None
-
-    def adapter_rows(self, n, width):
-        return contextlib.nullcontext()
 
     def forward_kwargs(self, n):
         return {"adapter_names": [self.steered.adapter] * n + [BASE_ADAPTER] * n}

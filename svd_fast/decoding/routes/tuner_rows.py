@@ -11,7 +11,7 @@ the input) the adapter rows run PEFT's whole forward and the base rows the base 
 import torch
 
 from ..patching import replaced_forwards
-from ..row_split import PerRowSplit
+from ..row_split import PerRowSplit, check_unmerged
 from .base import PairedRowsRoute
 
 ADDITIVE = ("LOHA", "LOKR", "VERA", "ADALORA")  # the layer's output is base(x) + delta(x)
@@ -34,9 +34,7 @@ class TunerLayerRows(PerRowSplit):
         def forward(x, *args, **kwargs):
             if self.rows.n == 0 or layer.disable_adapters:
                 return own_forward(layer, x, *args, **kwargs)
-            if layer.merged:
-                raise RuntimeError("the adapter was merged into the weights after SteeredModel was built; the base rows "
-                                   "need the plain weights: call model.unmerge_adapter() before steering")
+            check_unmerged(layer)
             n = self.rows.of(x, layer)
             if not additive:
                 adapted = own_forward(layer, x[:n], *args, **kwargs)
@@ -66,9 +64,5 @@ class TunerRowsRoute(PairedRowsRoute):
             return "the adapter is merged into the weights"
         return None
 
-    def __init__(self, steered):
-        super().__init__(steered)
-        self.rows = TunerLayerRows(steered.model, additive=steered.peft_type in ADDITIVE)
-
-    def adapter_rows(self, n, width):
-        return self.rows.adapter_rows(n, width)
+    def per_row_split(self, steered):
+        return TunerLayerRows(steered.model, additive=steered.peft_type in ADDITIVE)
