@@ -23,7 +23,8 @@ $PY -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py -k "151936 or token
   --benchmark-min-rounds=20 --benchmark-max-time=0.2 --benchmark-json=benchmarks/results/ops-cuda.json \
   > /tmp/svd_fast_bench.log 2>&1 || { tail -40 /tmp/svd_fast_bench.log; exit 1; }
 $PY benchmarks/report.py benchmarks/results/ops-cuda.json
-$PY -m pytest -q -p no:cacheprovider benchmarks/bench_decode.py --benchmark-json=benchmarks/results/decode-cuda.json \
+$PY -m pytest -q -p no:cacheprovider benchmarks/bench_decode.py -k "not (dora or loha or lokr or vera or oft or adalora)" \
+  --benchmark-json=benchmarks/results/decode-cuda.json \
   > /tmp/svd_fast_decode.log 2>&1 || { tail -40 /tmp/svd_fast_decode.log; exit 1; }
 $PY benchmarks/report_decode.py benchmarks/results/decode-cuda.json
 echo "== done ($(date +%T))"

@@ -1,6 +1,6 @@
 // Operator schemas of the svd_fast library. The CPU and CUDA implementations register themselves in
 // steering_cpu.cpp, steering_cuda.cu and small_batch_linear_cpu.cpp; the fake (shape) implementations
-// live in svd_fast/ops.py.
+// live in svd_fast/ops/__init__.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>

@@ -15,7 +15,7 @@ the logits processor, the CPU decode linears), `adaptation` (warm start, calibra
 default model, the benchmarks, the harness). The HuggingFace/PEFT names load on first use, so the ops alone
 need only torch.
 """
-from . import ops
+from . import ops  # noqa: F401  (svd_fast.ops, the first of the four parts)
 from ._version import __version__
 from .ops import (
     cpu_isa,
@@ -50,7 +50,26 @@ _LAZY = {
     "data": ("evaluation.data", None),
 }
 
-__all__ = ["reference", *ops.__all__, *_LAZY, "__version__"]
+__all__ = ["reference", "cpu_isa", "forced_cpu_isa", "get_backend", "has_cuda_kernels", "native_available",
+           "set_backend", "set_cpu_isa", "small_batch_linear", "steer_logits", "steering_vector", "supported_cpu_isas",
+           "token_mu", "__version__"]
+__all__ += list(_LAZY)
+
+# `import svd_fast.reference`, `from svd_fast.models import load`, ...: the dotted paths of before the four parts
+# (cheap modules only; `svd_fast.cpu_decode` stays an attribute, since its package pulls in transformers).
+import sys as _sys  # noqa: E402
+
+_sys.modules.setdefault(f"{__name__}.reference", reference)
+
+
+def _alias_light_modules():
+    import importlib
+
+    for alias in ("models", "data"):
+        _sys.modules.setdefault(f"{__name__}.{alias}", importlib.import_module(f".{_LAZY[alias][0]}", __name__))
+
+
+_alias_light_modules()
 
 
 def __getattr__(name):

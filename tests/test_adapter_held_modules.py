@@ -76,7 +76,7 @@ def expected_pair(model, plain, ids, mask):
 def test_base_rows_are_the_plain_base_model(name, one_forward):
     model, plain = build(name)
     steered = SteeredModel(model, mu=1.0, one_forward=one_forward)
-    assert steered.route.name == (CONFIGS[name][2] if one_forward == "auto" else "two")
+    assert steered.route == (CONFIGS[name][2] if one_forward == "auto" else "two")
     want_a, want_b = assert_rows_over_cached_steps(steered, lambda ids, mask: expected_pair(model, plain, ids, mask),
                                                    steps=3)
     assert (want_a - want_b).abs().max() > 1e-2  # the trained modules matter: a wrong base row would show
@@ -126,7 +126,7 @@ def test_a_saved_module_with_another_output_takes_two_forwards():
                 p.add_(torch.randn_like(p) * 0.5)
     steered = SteeredModel(model, mu=1.0)
     routers = [m for m in model.modules() if type(m).__name__ == "ModulesToSaveWrapper"]
-    assert routers and steered.route.name == ("lora" if isinstance(routers[0].original_module, torch.nn.Linear) else "two")
+    assert routers and steered.route == ("lora" if isinstance(routers[0].original_module, torch.nn.Linear) else "two")
     assert_rows_over_cached_steps(steered, lambda ids, mask: expected_pair(model, plain, ids, mask), steps=2)
 
 

@@ -181,3 +181,11 @@ def test_cuda_graph_capture_and_current_stream():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_every_op_is_exported_at_top_level():
+    import svd_fast.ops
+
+    missing = set(svd_fast.ops.__all__) - set(svd_fast.__all__)
+    assert not missing, f"svd_fast.__all__ lacks {sorted(missing)}"
+    assert all(hasattr(svd_fast, name) for name in svd_fast.__all__)

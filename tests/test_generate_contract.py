@@ -24,7 +24,7 @@ GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
 def steered_for(method, one_forward, **kwargs):
     steered = SteeredModel(adapted("llama", method), mu=2.0, alpha=0.3, one_forward=one_forward, **kwargs)
-    assert steered.route.name == ROUTES[(method, one_forward)]
+    assert steered.route == ROUTES[(method, one_forward)]
     return steered
 
 

@@ -91,3 +91,11 @@ def test_adapter_rows_of_a_layer_input():
     assert rows.of(torch.zeros(30, 4), layer) == 15
     with pytest.raises(RuntimeError, match="routes tokens to it.*one_forward=False"):
         rows.of(torch.zeros(11, 4), layer)
+
+
+def test_why_there_is_no_one_forward_route():
+    """The reason names what the route of the adapter's own kind refused, not just the kind."""
+    model = adapted("llama", "loha")
+    model.merge_adapter()
+    steered = SteeredModel(model, mu=1.0)
+    assert steered.route == "two" and steered.two_forward_reason == "tuner: the adapter is merged into the weights"

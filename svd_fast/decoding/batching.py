@@ -8,6 +8,11 @@ IGNORE_INDEX = -100  # the label of positions that are no target (prompt, paddin
 _warned_pad = set()
 
 
+def positions_from_mask(attention_mask):
+    """Position ids of left-padded rows, as HF generate computes them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def ensure_pad_token(tokenizer):
     """Tokenizers without a pad token get their EOS token as pad (one warning per tokenizer class)."""
     if tokenizer.pad_token_id is None:

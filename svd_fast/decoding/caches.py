@@ -1,8 +1,14 @@
 """The KV caches of steered decoding: one of 2B rows for the one-forward routes, a pair for two forwards."""
 import contextlib
+import inspect
 
 import torch
 from transformers import DynamicCache
+
+
+def cache_kwarg(model):
+    """transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class PairedCache(DynamicCache):
@@ -59,3 +65,6 @@ class TwoCaches(DynamicCache):
     def reorder_cache(self, beam_idx):
         self.adapted.reorder_cache(beam_idx)
         self.base.reorder_cache(beam_idx)
+
+
+STEERED_CACHES = (PairedCache, TwoCaches)  # what SteeredModel.generate hands back, and takes back

@@ -7,7 +7,7 @@ import torch
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .caches import PairedCache, TwoCaches
+from .caches import STEERED_CACHES
 
 
 class SteeredCausalLM(PreTrainedModel, GenerationMixin):
@@ -32,7 +32,7 @@ class SteeredCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if cache is not None:
             self.steered._check_cache(cache, use_cache)
-        if not use_cache or not isinstance(cache, (PairedCache, TwoCaches)):
+        if not use_cache or not isinstance(cache, STEERED_CACHES):
             cache = None  # generate's own empty cache (or none wanted): ours replaces it
         z_a, z_b, cache = self.steered.logits_pair(input_ids, attention_mask, position_ids, cache, logits_to_keep,
                                                    inputs_embeds)

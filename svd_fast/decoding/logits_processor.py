@@ -4,8 +4,8 @@ import torch
 from transformers import LogitsProcessor
 
 from .. import ops
+from .batching import positions_from_mask
 from .row_split import AuxiliaryModuleRows, as_base_model, holds_adapter_layers
-from .routes.base import positions_from_mask
 
 
 class SteeringLogitsProcessor(LogitsProcessor):

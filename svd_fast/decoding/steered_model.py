@@ -16,10 +16,10 @@ from transformers import Cache
 
 from .. import ops
 from . import routes
-from .batching import collate, ensure_pad_token
-from .caches import PairedCache, TwoCaches
+from .batching import collate, ensure_pad_token, positions_from_mask
+from .caches import STEERED_CACHES, cache_kwarg
 from .row_split import AuxiliaryModuleRows
-from .routes.base import Step, cache_kwarg, positions_from_mask
+from .routes.base import Step
 
 
 def _peft_type(peft_model, adapter):
@@ -74,14 +74,19 @@ class SteeredModel:
         self.mu, self.alpha, self.fill = mu, alpha, fill
         self.cache_kwarg = cache_kwarg(peft_model.get_base_model())
         self.auxiliary = AuxiliaryModuleRows(peft_model, adapter)
-        self.route, self.two_forward_reason = routes.choose(self, one_forward)
+        self._route, self.two_forward_reason = routes.choose(self, one_forward)
         self._lm = None
         self.cpu_linear_kernel = bool(cpu_linear_kernel)
 
     @property
     def mode(self):
         """How the two distributions are computed."""
-        return self.route.mode
+        return self._route.mode
+
+    @property
+    def route(self):
+        """The route's name: "lora", "mixed", "ia3", "tuner", "virtual" or "two"."""
+        return self._route.name
 
     # ---------------------------------------------------------------------------------------------
     # Both models' logits.
@@ -102,7 +107,7 @@ class SteeredModel:
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -length:]
         extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
-        return self.route.logits_pair(Step(input_ids, inputs_embeds, attention_mask, position_ids, extra), cache)
+        return self._route.logits_pair(Step(input_ids, inputs_embeds, attention_mask, position_ids, extra), cache)
 
     def steer(self, z_adapted, z_base, fill=None):
         """Steered logits; `fill` overrides the model's fill for this call."""
@@ -135,7 +140,7 @@ class SteeredModel:
         if attention_mask is not None and attention_mask.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("the batch is right-padded; decoder-only generation needs left padding: "
                              "set tokenizer.padding_side = 'left'")
-        no_cache_route = self.route.cache_class is None
+        no_cache_route = self._route.cache_class is None
         if inputs_embeds is not None and no_cache_route:
             raise ValueError(f"inputs_embeds needs a KV cache, and this route ({self.mode}) keeps none: PEFT adds "
                              f"{self.peft_type} virtual tokens on full forwards only; pass input_ids instead")
@@ -157,22 +162,22 @@ class SteeredModel:
     def _check_cache(self, cache, use_cache=True):
         """A cache handed back to generate must be one this model filled: another cache lacks the base rows
         (or the adapter's), and its length would make HF skip the tokens it claims to hold."""
-        if isinstance(cache, Cache) and not isinstance(cache, (PairedCache, TwoCaches)) and cache.get_seq_length() == 0:
+        if isinstance(cache, Cache) and not isinstance(cache, STEERED_CACHES) and cache.get_seq_length() == 0:
             return  # an empty cache: nothing to continue from
-        if self.route.cache_class is None:
+        if self._route.cache_class is None:
             raise ValueError(f"this route ({self.mode}) keeps no KV cache, so it cannot continue from one: pass the "
                              "whole sequence as input_ids without past_key_values")
         if not use_cache:
             raise ValueError("past_key_values to continue from, but use_cache=False: drop use_cache=False, or pass the "
                              "whole sequence without past_key_values")
-        if not isinstance(cache, (PairedCache, TwoCaches)):
+        if not isinstance(cache, STEERED_CACHES):
             raise ValueError(f"past_key_values is a {type(cache).__name__}, not a cache returned by SteeredModel.generate: "
                              "steering needs the adapted and the base model's keys and values; pass the "
                              "past_key_values of an earlier SteeredModel.generate(..., return_dict_in_generate=True) "
                              "call, or none")
-        if cache.route != self.route.name:
+        if cache.route != self.route:
             raise ValueError(f"past_key_values was filled by a SteeredModel of another route ({cache.route}); this one "
-                             f"is {self.route.name}: continue with the SteeredModel that returned it")
+                             f"is {self.route}: continue with the SteeredModel that returned it")
 
     def _decode_linears(self):
         """On the CPU, decode steps (few rows) run the frozen linear layers through the small-batch kernel,

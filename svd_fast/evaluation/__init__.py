@@ -8,13 +8,14 @@ statistics (`statistics`) and the tables and plots (`report`).
 The harness's names load on first use (they pull in transformers and peft).
 """
 from . import data, models
+from .data import metric_names
 
 _HARNESS = ("Job", "Sizes", "run", "collect", "load_job", "matrix_jobs", "variants", "question_metrics", "parse_choice",
             "score_question", "option_logits", "generate_choices", "ALPHAS", "FIXED_MU", "LEARNING_RATES", "NO_MASK_ALPHA",
             "PROTOCOLS")
 _STATISTICS = ("bootstrap_ci", "paired_test", "summarise_cell")
 
-__all__ = ["data", "models", *_HARNESS, *_STATISTICS]
+__all__ = ["data", "models", "metric_names", *_HARNESS, *_STATISTICS]
 
 
 def __getattr__(name):

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from . import reference
 
 __all__ = [
-    "reference",
     "steering_vector",
     "steer_logits",
     "token_mu",

@@ -22,10 +22,15 @@ def choose(steered, one_forward="auto"):
         reason = (f"{', '.join(steered.auxiliary.unsplittable)} (trained by the adapter outside its tuner layers) "
                   "cannot run per row")
     else:
+        reasons = []
         for route in ONE_FORWARD_ROUTES:
-            if route.unsupported(steered) is None:
+            if route.peft_types and steered.peft_type not in route.peft_types:
+                continue
+            why = route.why_not(steered)
+            if why is None:
                 return route(steered), None
-        reason = f"no one-forward route takes {steered.peft_type} adapters"
+            reasons.append(f"{route.name}: {why}")
+        reason = "; ".join(reasons) or f"no one-forward route takes {steered.peft_type} adapters"
     if one_forward is True:
         raise ValueError(f"this adapter has no one-forward path: {reason}; use one_forward=False")
     return TwoForwardsRoute(steered), reason

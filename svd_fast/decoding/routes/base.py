@@ -2,27 +2,17 @@
 
 A route is one way of getting both distributions of a decoding step, the adapted model's and the base
 model's. `SteeredModel` asks each route in turn (routes/__init__.py) whether it takes the PEFT model and
-keeps the first that does; a new way is a new file with a subclass of `Route`.
+keeps the first that does; a new way is a new file with a subclass of `Route`, listed in
+ONE_FORWARD_ROUTES there.
 """
 import contextlib
 import dataclasses
-import inspect
 
 import torch
 
 from ..caches import PairedCache
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-
-
-def positions_from_mask(attention_mask):
-    """Position ids of left-padded rows, as HF generate computes them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def cache_kwarg(model):
-    """transformers >= 5.x calls the KV cache `cache`, earlier versions `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @dataclasses.dataclass
@@ -41,7 +31,7 @@ class Step:
         return self.input_ids if self.inputs_embeds is None else self.inputs_embeds
 
     @property
-    def rows(self):
+    def batch(self):
         return self.tokens.shape[0]
 
     @property
@@ -57,20 +47,23 @@ class Step:
 class Route:
     """Both distributions of a step. `name` is stored on the caches the route fills; `mode` is what
     `SteeredModel.mode` says; `cache_class` is the cache it fills (None: it keeps none, every step recomputes
-    the sequence). `steered` is the SteeredModel: the PEFT model, its adapter and config, and the per-row
-    runner of its saved modules (`steered.auxiliary`)."""
+    the sequence); `peft_types` are the PEFT methods it may take (empty: any). `steered` is the
+    SteeredModel: the PEFT model, its adapter, type and config (`model`, `adapter`, `peft_type`,
+    `peft_config`), the keyword its model takes the KV cache under (`cache_kwarg`) and the per-row runner of
+    the adapter's saved modules (`auxiliary`)."""
 
     name = ""
     mode = ""
     cache_class = None
+    peft_types = ()
 
     def __init__(self, steered):
         self.steered = steered
 
     @classmethod
-    def unsupported(cls, steered):
-        """None when the route takes this PEFT model, else why not (one clause)."""
-        raise NotImplementedError
+    def why_not(cls, steered):
+        """None when the route takes this PEFT model (of one of its peft_types), else why not, in one clause."""
+        return None
 
     def logits_pair(self, step, cache):
         """(z_adapted, z_base, cache) for the step: [B, T, V] logits each; `cache` None at the first step."""
@@ -87,7 +80,7 @@ class PairedRowsRoute(Route):
 
     def __init__(self, steered):
         super().__init__(steered)
-        self.rows = self.per_row_split(steered)
+        self.split = self.per_row_split(steered)
 
     def per_row_split(self, steered):
         return None
@@ -97,13 +90,13 @@ class PairedRowsRoute(Route):
 
     def adapter_rows(self, n, width):
         """A context inside which the tuner layers act on the first n (of 2n) sequences of `width` positions."""
-        return contextlib.nullcontext() if self.rows is None else self.rows.adapter_rows(n, width)
+        return contextlib.nullcontext() if self.split is None else self.split.adapter_rows(n, width)
 
     def logits_pair(self, step, cache):
         if cache is None:
             cache = PairedCache()
             cache.route = self.name
-        n, steered = step.rows, self.steered
+        n, steered = step.batch, self.steered
         kwargs = dict(**step.inputs(repeat=2), attention_mask=torch.cat([step.attention_mask] * 2),
                       position_ids=torch.cat([step.position_ids] * 2), use_cache=True,
                       **{steered.cache_kwarg: cache}, **step.extra, **self.forward_kwargs(n))

@@ -10,17 +10,19 @@ from .base import PairedRowsRoute
 
 
 class IA3Rows(PerRowSplit):
-    def __init__(self, peft_model, adapter):
-        from peft.tuners.ia3.layer import IA3Layer
-
-        self.layers = [m for m in peft_model.modules() if isinstance(m, IA3Layer)]
-        self.adapter = adapter
+    def __init__(self, layers, adapter):
+        self.layers, self.adapter = layers, adapter
 
     @staticmethod
-    def takes(peft_model, adapter):
-        from peft.tuners.ia3.layer import IA3Layer, Linear
+    def layers_of(peft_model):
+        from peft.tuners.ia3.layer import IA3Layer
 
-        layers = [m for m in peft_model.modules() if isinstance(m, IA3Layer)]
+        return [m for m in peft_model.modules() if isinstance(m, IA3Layer)]
+
+    @staticmethod
+    def takes(layers, adapter):
+        from peft.tuners.ia3.layer import Linear
+
         return bool(layers) and all(isinstance(m, Linear) and not m.merged and adapter in m.ia3_l for m in layers)
 
     @contextlib.contextmanager
@@ -53,13 +55,13 @@ class IA3RowsRoute(PairedRowsRoute):
     name = "ia3"
     mode = "one-forward (per-row IA3)"
 
+    peft_types = ("IA3",)
+
     @classmethod
-    def unsupported(cls, steered):
-        if steered.peft_type != "IA3":
-            return "not an IA3 adapter"
-        if not IA3Rows.takes(steered.model, steered.adapter):
+    def why_not(cls, steered):
+        if not IA3Rows.takes(IA3Rows.layers_of(steered.model), steered.adapter):
             return "IA3 layers other than unmerged linear ones"
         return None
 
     def per_row_split(self, steered):
-        return IA3Rows(steered.model, steered.adapter)
+        return IA3Rows(IA3Rows.layers_of(steered.model), steered.adapter)

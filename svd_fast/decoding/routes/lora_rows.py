@@ -12,17 +12,19 @@ class LoraRows(PerRowSplit):
     """Inside `adapter_rows(n, width)` each LoRA linear layer returns base(x) + B(A(dropout(x))) * scaling on
     the adapter rows and base(x) on the others, as PEFT's mixed-adapter batch does."""
 
-    def __init__(self, peft_model, adapter):
-        from peft.tuners.lora.layer import LoraLayer
-
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    def __init__(self, layers, adapter):
         self.forwards = [(m, self._row_forward(m, adapter)) for m in layers]
 
     @staticmethod
-    def takes(peft_model, adapter):
-        from peft.tuners.lora.layer import Linear, LoraLayer
+    def layers(peft_model):
+        from peft.tuners.lora.layer import LoraLayer
 
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+        return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+
+    @staticmethod
+    def takes(layers, adapter):
+        from peft.tuners.lora.layer import Linear
+
         return bool(layers) and all(type(m) is Linear and not m.merged and adapter in m.lora_A
                                     and adapter not in m.lora_variant for m in layers)
 
@@ -54,14 +56,13 @@ class LoraRows(PerRowSplit):
 class LoraRowsRoute(PairedRowsRoute):
     name = "lora"
     mode = "one-forward (LoRA on adapter rows)"
+    peft_types = ("LORA",)
 
     @classmethod
-    def unsupported(cls, steered):
-        if steered.peft_type != "LORA":
-            return "not a LoRA adapter"
-        if not LoraRows.takes(steered.model, steered.adapter):
+    def why_not(cls, steered):
+        if not LoraRows.takes(LoraRows.layers(steered.model), steered.adapter):
             return "LoRA layers other than plain linear ones (embeddings, variants such as DoRA, merged)"
         return None
 
     def per_row_split(self, steered):
-        return LoraRows(steered.model, steered.adapter)
+        return LoraRows(LoraRows.layers(steered.model), steered.adapter)

@@ -7,10 +7,10 @@ class MixedBatchRoute(PairedRowsRoute):
     name = "mixed"
     mode = "one-forward (mixed-adapter batch)"
 
+    peft_types = ("LORA",)  # PEFT's LoHa and LoKr layers take adapter_names but ignore them
+
     @classmethod
-    def unsupported(cls, steered):
-        if steered.peft_type != "LORA":
-            return "PEFT's mixed-adapter batches serve LoRA only (its LoHa and LoKr layers ignore adapter_names)"
+    def why_not(cls, steered):
         if getattr(steered.peft_config, "use_dora", False):
             return "PEFT's mixed-adapter batches do not serve DoRA"
         return None

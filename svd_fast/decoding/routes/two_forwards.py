@@ -5,19 +5,14 @@ from ..caches import TwoCaches
 from ..row_split import as_base_model
 from .base import Route
 
-PROMPT_LEARNING_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING")
-
 
 class TwoForwardsRoute(Route):
     name = "two"
 
-    @classmethod
-    def unsupported(cls, steered):
-        return None
-
     def __init__(self, steered):
         super().__init__(steered)
-        self.prompt_learning = steered.peft_type in PROMPT_LEARNING_TUNERS
+        # Decided per model, not per class: whether it is prompt learning.
+        self.prompt_learning = steered.peft_config.is_prompt_learning
         self.mode = "two-forward (no cache)" if self.prompt_learning else "two-forward"
         self.cache_class = None if self.prompt_learning else TwoCaches
 

@@ -5,23 +5,19 @@ positions, so their real tokens see exactly what the plain base model would."""
 import torch
 
 from ..caches import PairedCache
-from .base import Route, positions_from_mask
-
-VIRTUAL_TOKEN_TUNERS = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+from ..batching import positions_from_mask
+from .base import Route
 
 
 class VirtualTokensRoute(Route):
     name = "virtual"
     mode = "one-forward (virtual tokens on adapter rows)"
     cache_class = PairedCache
-
-    @classmethod
-    def unsupported(cls, steered):
-        return None if steered.peft_type in VIRTUAL_TOKEN_TUNERS else "no virtual tokens"
+    peft_types = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 
     def logits_pair(self, step, cache):
         steered = self.steered
-        n, length, mask = step.rows, step.length, step.attention_mask
+        n, length, mask = step.batch, step.length, step.attention_mask
         virtual = steered.peft_config.num_virtual_tokens
         base = steered.model.get_base_model()
         # PEFT's prompt-learning forward embeds the real tokens with the embedding it found at wrapping time,
