@@ -160,3 +160,22 @@ def test_steering_vector(benchmark, impl):
         lambda: reference.steering_vector(za, zb))
     record(benchmark, "steering_vector", 8, 151936, "float32", impl)
     benchmark(synced(fn))
+
+
+@pytest.mark.parametrize("impl", ["native", "reference", "token_mu"])
+@pytest.mark.parametrize("rows,vocab", [(512, 49152), (64, 151936)])
+def test_steered_nll(benchmark, rows, vocab, impl):
+    """steered_nll at calibration's 21 grid strengths (bf16 logits, fill "keep"); token_mu on the same
+    inputs is the yardstick: the same statistics pass, one strength-free pass over the kept blocks."""
+    from svd_fast.adaptation.calibration import NLL_GRID
+
+    za, zb = logits(rows, vocab, torch.bfloat16)
+    g = torch.Generator().manual_seed(rows)
+    labels = za.float().topk(3, -1).indices.gather(-1, torch.randint(0, 3, (rows, 1), generator=g).to(DEVICE))[:, 0]
+    mus = torch.tensor(NLL_GRID, device=DEVICE)
+    svd_fast.set_backend("native")
+    fn = {"native": lambda: svd_fast.steered_nll(za, zb, labels, mus),
+          "reference": lambda: reference.steered_nll(za, zb, labels, mus, fill="keep"),
+          "token_mu": lambda: svd_fast.token_mu(za, zb, labels)}[impl]
+    record(benchmark, f"steered_nll K={len(NLL_GRID)}", rows, vocab, "bfloat16", impl)
+    benchmark(synced(fn))

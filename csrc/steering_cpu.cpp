@@ -41,11 +41,11 @@ RowStats block_stats_two_loops(const float* __restrict a, const float* __restric
   return RowStats{max_a, sum_a, max_b, sum_b, cross, flags};
 }
 
-// A block's statistics, merged into those of the blocks before it (`running`), and the block's own
-// largest z_a (for pass 2).
+// A block's statistics, merged into those of the blocks before it (`running`), the block's own largest
+// z_a (for pass 2), and its own sum of exp(z_a - frame_a) (for steered_nll's blocks without kept tokens).
 struct BlockStats {
   RowStats merged;
-  float max_a;
+  float max_a, frame_a, sum_a;
 };
 
 // Larger leads of a block's maximum over the running one are measured again from the block's own: exp of
@@ -62,7 +62,7 @@ BlockStats block_stats(const float* __restrict a, const float* __restrict b, int
   const float ref_a = running.max_a, ref_b = running.max_b;
   if (ref_a == -kInf || ref_b == -kInf) {
     const RowStats s = block_stats_two_loops(a, b, n);
-    return BlockStats{merge(running, s), s.max_a};
+    return BlockStats{merge(running, s), s.max_a, s.max_a, s.sum_a};
   }
   float max_a = -kInf, max_b = -kInf, sum_a = 0.0f, sum_b = 0.0f, cross = 0.0f;
   uint32_t flags = 0;
@@ -79,11 +79,11 @@ BlockStats block_stats(const float* __restrict a, const float* __restrict b, int
   const bool cross_finite = cross - cross == 0.0f;  // false for inf and NaN
   if (!(max_a <= ref_a + kMaxLead && max_b <= ref_b + kMaxLead) || (!cross_finite && flags == 0u)) {
     const RowStats s = block_stats_two_loops(a, b, n);
-    return BlockStats{merge(running, s), s.max_a};
+    return BlockStats{merge(running, s), s.max_a, s.max_a, s.sum_a};
   }
   const RowStats s = rescale(RowStats{ref_a, sum_a, ref_b, sum_b, cross, flags}, ref_a > max_a ? ref_a : max_a,
                              ref_b > max_b ? ref_b : max_b);
-  return BlockStats{merge(running, s), max_a};
+  return BlockStats{merge(running, s), max_a, s.max_a, s.sum_a};
 }
 
 SVD_HD
@@ -133,6 +133,37 @@ KeptSums block_kept_sums(const float* __restrict a, const float* __restrict b, i
   return KeptSums{pa_dot_delta, delta_sq};
 }
 
+// steered_nll's statistics of a block holding kept tokens, for each of the K strengths: each token's line
+// (x0, slope) once, then per strength the block's max of z_hat and the sums about it, merged into acc[k].
+SVD_HD
+void block_nll(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r, NllFill fill,
+               float label_slope, const float* __restrict mus, int64_t strengths, NllStats* __restrict acc) {
+  float x0[kBlock], slope[kBlock];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    float p_a;
+    const float d = steering_delta(a[i], b[i], r, p_a);
+    nll_line(a[i], d, is_kept(a[i], r), fill, x0[i], slope[i]);
+  }
+  for (int64_t k = 0; k < strengths; ++k) {
+    const float mu = mus[k];
+    float max = -kInf;
+#pragma omp simd reduction(max : max)
+    for (int64_t i = 0; i < n; ++i) max = max_ignoring_nan(max, x0[i] + mu * slope[i]);
+    const float ref = max == -kInf ? 0.0f : max;
+    float sum = 0.0f, s1 = 0.0f, s2 = 0.0f;
+#pragma omp simd reduction(+ : sum, s1, s2)
+    for (int64_t i = 0; i < n; ++i) {
+      const float e = fast_exp(x0[i] + mu * slope[i] - ref);  // 0 where x0 = -inf
+      const float t = slope[i] - label_slope;
+      sum += e;
+      s1 += e * t;
+      s2 += e * t * t;
+    }
+    acc[k] = merge(acc[k], NllStats{max, sum, s1, s2});
+  }
+}
+
 SVD_HD
 void widen(const c10::BFloat16* __restrict in, int64_t n, float* __restrict out) {
   const auto* bits = reinterpret_cast<const uint16_t*>(in);
@@ -166,6 +197,7 @@ struct BlockKernels {
   void (*steer)(const float*, const float*, int64_t, RowSummary, float, FillRule, float*);
   void (*fill)(const float*, int64_t, float, float*);
   KeptSums (*kept_sums)(const float*, const float*, int64_t, RowSummary);
+  void (*nll)(const float*, const float*, int64_t, RowSummary, NllFill, float, const float*, int64_t, NllStats*);
   void (*widen_bf16)(const c10::BFloat16*, int64_t, float*);
   void (*widen_half)(const c10::Half*, int64_t, float*);
   float (*exp_sum)(const float*, const float*, int64_t);
@@ -187,12 +219,16 @@ struct BlockKernels {
   TARGET KeptSums NAME##_kept_sums(const float* a, const float* b, int64_t n, RowSummary r) {                    \
     return block_kept_sums(a, b, n, r);                                                                           \
   }                                                                                                               \
+  TARGET void NAME##_nll(const float* a, const float* b, int64_t n, RowSummary r, NllFill f, float c,          \
+                         const float* mus, int64_t k, NllStats* acc) {                                            \
+    block_nll(a, b, n, r, f, c, mus, k, acc);                                                                     \
+  }                                                                                                               \
   TARGET void NAME##_widen_bf16(const c10::BFloat16* in, int64_t n, float* o) { widen(in, n, o); }                \
   TARGET void NAME##_widen_half(const c10::Half* in, int64_t n, float* o) { widen(in, n, o); }                    \
   TARGET float NAME##_exp_sum(const float* a, const float* b, int64_t n) { return block_exp_sum(a, b, n); }       \
-  const BlockKernels NAME##_kernels{&NAME##_stats,     &NAME##_delta,      &NAME##_steer,                          \
-                                    &NAME##_fill,      &NAME##_kept_sums,  &NAME##_widen_bf16,                     \
-                                    &NAME##_widen_half, &NAME##_exp_sum};
+  const BlockKernels NAME##_kernels{&NAME##_stats,      &NAME##_delta,      &NAME##_steer,                         \
+                                    &NAME##_fill,       &NAME##_kept_sums,  &NAME##_nll,                           \
+                                    &NAME##_widen_bf16, &NAME##_widen_half, &NAME##_exp_sum};
 
 SVD_BLOCK_KERNELS(baseline, )
 #ifdef SVD_X86_TARGETS
@@ -271,6 +307,7 @@ struct Pass1 {
   std::vector<float> block_max_a;  // [rows, blocks_per_row]
   std::vector<uint8_t> written;    // [rows, blocks_per_row]
   int64_t blocks_per_row;
+  std::vector<float> block_frame_a, block_sum_a;  // [rows, blocks_per_row]: sum exp(z_a - frame_a) of a block
   int64_t block_index(int64_t row, int64_t off, int64_t vocab) const {
     return row * blocks_per_row + (off - row * vocab) / kBlock;
   }
@@ -289,12 +326,16 @@ Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t row
   Pass1 result{std::vector<RowSummary>(rows), {}, {}, ceil_div(vocab, kBlock)};
   result.block_max_a.resize(rows * result.blocks_per_row);
   result.written.assign(rows * result.blocks_per_row, 0);
+  result.block_frame_a.resize(rows * result.blocks_per_row);
+  result.block_sum_a.resize(rows * result.blocks_per_row);
   std::vector<RowStats> partial(rows * plan.splits, empty_stats());
   for_each_block(k, za, zb, rows, vocab, plan, copy, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
     const float* a = blk.a();
     const BlockStats s = k.stats(a, blk.b(), blk.n, partial[task]);
     const int64_t index = result.block_index(row, off, vocab);
     result.block_max_a[index] = s.max_a;
+    result.block_frame_a[index] = s.frame_a;
+    result.block_sum_a[index] = s.sum_a;
     partial[task] = s.merged;
     if (s.max_a < s.merged.max_a + log_alpha) result.written[index] = write_unkept(row, a, blk.n, off);
   });
@@ -427,6 +468,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
   return result.tuple();
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                                                               const at::Tensor& labels, const at::Tensor& mus,
+                                                               double log_alpha, int64_t fill_mode, double fill_value,
+                                                               int64_t ignore_index) {
+  const LogitRows x = flatten_logits(z_adapted, z_base);
+  check_labels(x, labels);
+  check_strengths(x, mus);
+  NllTensors result(z_adapted, mus.numel());
+  const int64_t strengths = mus.numel();
+  if (x.rows == 0 || strengths == 0) return result.tuple();
+  const at::Tensor labels_c = labels.contiguous();
+  const int64_t* label = labels_c.const_data_ptr<int64_t>();
+  const float* mu = mus.const_data_ptr<float>();
+  const NllFill fill = nll_fill(fill_mode, static_cast<float>(fill_value));
+  const BlockKernels& k = block_kernels();
+  const SplitPlan plan = cpu_plan(x.rows, x.vocab);
+  dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* za = x.z_a.const_data_ptr<T>();
+    const T* zb = x.z_b.const_data_ptr<T>();
+    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
+    std::vector<NllLabel> labels_of(x.rows);
+    for (int64_t row = 0; row < x.rows; ++row) {
+      const int64_t y = label[row];
+      const bool target = y != ignore_index && y >= 0 && y < x.vocab;
+      const int64_t at = row * x.vocab + (target ? y : 0);
+      labels_of[row] = nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), pass1.summary[row], fill);
+    }
+    std::vector<NllStats> partial(x.rows * plan.splits * strengths, empty_nll_stats());
+    for_each_block(k, za, zb, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+      const NllLabel& l = labels_of[row];
+      if (pass1.summary[row].bad || !(l.x0 > -kInf)) return;  // the outputs need no sums (ignored rows: x0 = -inf)
+      NllStats* acc = &partial[task * strengths];
+      if (pass1.any_kept(row, off, x.vocab)) {
+        k.nll(blk.a(), blk.b(), blk.n, pass1.summary[row], fill, l.slope, mu, strengths, acc);
+        return;
+      }
+      // No kept token: every token lies on z_a + mu * fill.slope, so the block's sum from pass 1 serves.
+      const int64_t index = pass1.block_index(row, off, x.vocab);
+      const float sum = pass1.block_sum_a[index], t = fill.slope - l.slope;
+      if (fill.neg_inf || !(sum > 0.0f)) return;
+      for (int64_t j = 0; j < strengths; ++j)
+        acc[j] = merge(acc[j], NllStats{pass1.block_frame_a[index] + mu[j] * fill.slope, sum, t * sum, t * t * sum});
+    });
+    const NllOutputs out = result.pointers();
+    for (int64_t row = 0; row < x.rows; ++row) {
+      for (int64_t j = 0; j < strengths; ++j) {
+        NllStats s = empty_nll_stats();
+        for (int64_t split = 0; split < plan.splits; ++split) s = merge(s, partial[(row * plan.splits + split) * strengths + j]);
+        write_nll(out, row * strengths + j, labels_of[row], pass1.summary[row].bad, mu[j], s);
+      }
+    }
+  });
+  return result.tuple();
+}
+
 // The benchmarks' exp-throughput bound: pass 1's exps alone, per row, over the same chunks and threads.
 at::Tensor exp_throughput_bound_cpu(const at::Tensor& z_adapted, const at::Tensor& z_base) {
   const LogitRows x = flatten_logits(z_adapted, z_base);
@@ -452,6 +549,7 @@ TORCH_LIBRARY_IMPL(svd_fast, CPU, m) {
   m.impl("steering_vector", &steering_vector_cpu);
   m.impl("steer_logits_out", &steer_logits_out_cpu);
   m.impl("token_mu", &token_mu_cpu);
+  m.impl("steered_nll", &steered_nll_cpu);
   m.impl("exp_throughput_bound", &exp_throughput_bound_cpu);
 }
 

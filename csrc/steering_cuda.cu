@@ -53,7 +53,13 @@ __device__ __forceinline__ float2 shfl_xor(const float2& s, int mask) {
   return make_float2(__shfl_xor_sync(0xffffffffu, s.x, mask), __shfl_xor_sync(0xffffffffu, s.y, mask));
 }
 
+__device__ __forceinline__ NllStats shfl_xor(const NllStats& s, int mask) {
+  return NllStats{__shfl_xor_sync(0xffffffffu, s.max, mask), __shfl_xor_sync(0xffffffffu, s.sum, mask),
+                  __shfl_xor_sync(0xffffffffu, s.s1, mask), __shfl_xor_sync(0xffffffffu, s.s2, mask)};
+}
+
 __device__ __forceinline__ RowStats combine(const RowStats& x, const RowStats& y) { return merge(x, y); }
+__device__ __forceinline__ NllStats combine(const NllStats& x, const NllStats& y) { return merge(x, y); }
 __device__ __forceinline__ float2 combine(const float2& x, const float2& y) {
   return make_float2(x.x + y.x, x.y + y.y);
 }
@@ -206,6 +212,82 @@ __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels,
   write_token_mu(out, row, target, r.bad, label_delta_k, sums.x, sums.y, eps);
 }
 
+// steered_nll: the label's line, the same in every block of a row.
+template <typename T>
+__device__ __forceinline__ NllLabel row_label(const T* za, const T* zb, const int64_t* labels, int64_t row,
+                                              int64_t vocab, const RowSummary& r, NllFill fill, int64_t ignore_index) {
+  const int64_t y = labels[row];
+  const bool target = y != ignore_index && y >= 0 && y < vocab;
+  const int64_t at = row * vocab + (target ? y : 0);
+  return nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), r, fill);
+}
+
+constexpr int kStrengthGroup = 4;  // strengths per block (grid z): each thread holds their sums in registers
+
+struct NllArgs {
+  const RowStats* partial;
+  const int64_t* labels;
+  const float* mus;
+  int64_t strengths, ignore_index;
+  float log_alpha;
+  NllFill fill;
+  NllStats* nll_partial;  // [rows, splits, strengths]
+};
+
+// Grid (rows, splits, strength groups): each block's NllStats over its chunk, one per strength of its group.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    nll_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized, NllArgs args) {
+  const RowSummary r = row_summary(args.partial, gridDim.y, args.log_alpha);
+  const int64_t row = blockIdx.x;
+  const NllLabel l = row_label(za, zb, args.labels, row, vocab, r, args.fill, args.ignore_index);
+  const int64_t first = static_cast<int64_t>(blockIdx.z) * kStrengthGroup;
+  float mu[kStrengthGroup];
+  NllStats acc[kStrengthGroup];
+#pragma unroll
+  for (int g = 0; g < kStrengthGroup; ++g) {
+    mu[g] = first + g < args.strengths ? args.mus[first + g] : 0.0f;
+    acc[g] = empty_nll_stats();
+  }
+  if (!r.bad && l.x0 > -kInf) {  // uniform over the block; otherwise the outputs need no sums
+    for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t, const auto& a, const auto& b) {
+      constexpr int N = sizeof(a) / sizeof(float);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        float p_a, x0, slope;
+        const float d = steering_delta(a[j], b[j], r, p_a);
+        nll_line(a[j], d, is_kept(a[j], r), args.fill, x0, slope);
+#pragma unroll
+        for (int g = 0; g < kStrengthGroup; ++g) add_token(acc[g], x0 + mu[g] * slope, slope - l.slope);
+      }
+    });
+  }
+#pragma unroll
+  for (int g = 0; g < kStrengthGroup; ++g) {
+    const NllStats s = block_all_reduce(acc[g]);
+    if (threadIdx.x == 0 && first + g < args.strengths)
+      args.nll_partial[(row * gridDim.y + blockIdx.y) * args.strengths + first + g] = s;
+  }
+}
+
+// One thread per (row, strength): merges the chunks' stats and writes the three outputs.
+template <typename T>
+__global__ void nll_output_kernel(const T* za, const T* zb, int64_t rows, int64_t vocab, int64_t splits, NllArgs args,
+                                  NllOutputs out) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= rows * args.strengths) return;
+  const int64_t row = index / args.strengths, j = index % args.strengths;
+  RowStats stats = empty_stats();
+  NllStats s = empty_nll_stats();
+  for (int64_t split = 0; split < splits; ++split) {
+    stats = merge(stats, args.partial[row * splits + split]);
+    s = merge(s, args.nll_partial[(row * splits + split) * args.strengths + j]);
+  }
+  const RowSummary r = finalize(stats, args.log_alpha);
+  write_nll(out, index, row_label(za, zb, args.labels, row, vocab, r, args.fill, args.ignore_index), r.bad,
+            args.mus[j], s);
+}
+
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int64_t multiprocessor_count(c10::DeviceIndex device) {
@@ -216,37 +298,46 @@ int64_t multiprocessor_count(c10::DeviceIndex device) {
 
 struct Launched {
   SplitPlan plan;
+  bool vectorized;
+  dim3 grid;                      // (rows, splits)
   at::Tensor partial, kept_sums;  // RowStats [rows, splits]; float2 [rows, splits] for kKeptSums
+  const RowStats* stats() const { return reinterpret_cast<const RowStats*>(partial.const_data_ptr<float>()); }
 };
 
-// Pass 1 (row_stats_kernel) and the output pass of `kind`, on the current stream.
+// Pass 1 (row_stats_kernel) on the current stream: the plan and the partial RowStats of every chunk.
+template <typename T>
+Launched launch_row_stats(const LogitRows& x, const float* out) {
+  constexpr int N = Pack<T>::kSize;
+  const T* za = x.z_a.const_data_ptr<T>();
+  const T* zb = x.z_b.const_data_ptr<T>();
+  Launched result;
+  result.vectorized = x.vocab % N == 0 && aligned16(za) && aligned16(zb) && (out == nullptr || aligned16(out));
+  const int64_t sms = multiprocessor_count(x.z_a.device().index());
+  result.plan = plan_splits(x.rows, x.vocab, 2 * sms, kMinChunk, result.vectorized ? N : 1);
+  TORCH_CHECK(result.plan.splits <= 65535, "svd_fast: vocabulary too large for one CUDA grid");
+  result.grid = dim3(static_cast<unsigned>(x.rows), static_cast<unsigned>(result.plan.splits));
+  result.partial = at::empty({x.rows, result.plan.splits, static_cast<int64_t>(sizeof(RowStats) / 4)},
+                             x.z_a.options().dtype(at::kFloat));
+  row_stats_kernel<T><<<result.grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      za, zb, x.vocab, result.plan.chunk, result.vectorized, reinterpret_cast<RowStats*>(result.partial.data_ptr<float>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return result;
+}
+
+// Pass 1 and the output pass of `kind`, on the current stream.
 template <Output kind>
 Launched launch(const LogitRows& x, OutputArgs args) {
-  const int64_t sms = multiprocessor_count(x.z_a.device().index());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Launched result;
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    constexpr int N = Pack<T>::kSize;
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
-    const bool vectorized =
-        x.vocab % N == 0 && aligned16(za) && aligned16(zb) && (args.out == nullptr || aligned16(args.out));
-    const SplitPlan plan = plan_splits(x.rows, x.vocab, 2 * sms, kMinChunk, vectorized ? N : 1);
-    TORCH_CHECK(plan.splits <= 65535, "svd_fast: vocabulary too large for one CUDA grid");
-    const dim3 grid(static_cast<unsigned>(x.rows), static_cast<unsigned>(plan.splits));
-    const auto f32 = x.z_a.options().dtype(at::kFloat);
-    result.plan = plan;
-    result.partial = at::empty({x.rows, plan.splits, static_cast<int64_t>(sizeof(RowStats) / 4)}, f32);
-    auto* partial = reinterpret_cast<RowStats*>(result.partial.data_ptr<float>());
-    args.partial = partial;
-    row_stats_kernel<T><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, plan.chunk, vectorized, partial);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    result = launch_row_stats<T>(x, args.out);
+    args.partial = result.stats();
     if constexpr (kind == Output::kKeptSums) {
-      result.kept_sums = at::empty({x.rows, plan.splits, 2}, f32);
+      result.kept_sums = at::empty({x.rows, result.plan.splits, 2}, x.z_a.options().dtype(at::kFloat));
       args.kept_sums = reinterpret_cast<float2*>(result.kept_sums.data_ptr<float>());
     }
-    output_kernel<T, kind><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, plan.chunk, vectorized, args);
+    output_kernel<T, kind><<<result.grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), x.vocab, result.plan.chunk, result.vectorized, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result;
@@ -299,9 +390,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cuda(const a
     token_mu_kernel<T><<<static_cast<unsigned>(ceil_div(x.rows, threads)), threads, 0,
                          c10::cuda::getCurrentCUDAStream()>>>(
         x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), labels_c.const_data_ptr<int64_t>(), x.rows,
-        x.vocab, pass.plan.splits, reinterpret_cast<const RowStats*>(pass.partial.const_data_ptr<float>()),
+        x.vocab, pass.plan.splits, pass.stats(),
         reinterpret_cast<const float2*>(pass.kept_sums.const_data_ptr<float>()), static_cast<float>(log_alpha),
         static_cast<float>(eps), ignore_index, result.pointers());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return result.tuple();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cuda(const at::Tensor& z_adapted, const at::Tensor& z_base,
+                                                                const at::Tensor& labels, const at::Tensor& mus,
+                                                                double log_alpha, int64_t fill_mode, double fill_value,
+                                                                int64_t ignore_index) {
+  const LogitRows x = flatten_logits(z_adapted, z_base);
+  check_labels(x, labels);
+  check_strengths(x, mus);
+  NllTensors result(z_adapted, mus.numel());
+  if (x.rows == 0 || mus.numel() == 0) return result.tuple();
+  const at::Tensor labels_c = labels.contiguous();
+  const c10::cuda::CUDAGuard guard(x.z_a.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  NllArgs args{};
+  args.labels = labels_c.const_data_ptr<int64_t>();
+  args.mus = mus.const_data_ptr<float>();
+  args.strengths = mus.numel();
+  args.ignore_index = ignore_index;
+  args.log_alpha = static_cast<float>(log_alpha);
+  args.fill = nll_fill(fill_mode, static_cast<float>(fill_value));
+  const int64_t groups = ceil_div(args.strengths, kStrengthGroup);
+  TORCH_CHECK(groups <= 65535, "svd_fast: too many strengths for one CUDA grid");
+  dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* za = x.z_a.const_data_ptr<T>();
+    const T* zb = x.z_b.const_data_ptr<T>();
+    const Launched pass = launch_row_stats<T>(x, nullptr);
+    args.partial = pass.stats();
+    const at::Tensor nll_partial = at::empty({x.rows, pass.plan.splits, args.strengths, 4}, x.z_a.options().dtype(at::kFloat));
+    args.nll_partial = reinterpret_cast<NllStats*>(nll_partial.data_ptr<float>());
+    const dim3 grid(pass.grid.x, pass.grid.y, static_cast<unsigned>(groups));
+    nll_kernel<T><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, pass.plan.chunk, pass.vectorized, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int threads = 128;
+    nll_output_kernel<T><<<static_cast<unsigned>(ceil_div(x.rows * args.strengths, threads)), threads, 0, stream>>>(
+        za, zb, x.rows, x.vocab, pass.plan.splits, args, result.pointers());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result.tuple();
@@ -313,6 +444,7 @@ TORCH_LIBRARY_IMPL(svd_fast, CUDA, m) {
   m.impl("steering_vector", &steering_vector_cuda);
   m.impl("steer_logits_out", &steer_logits_out_cuda);
   m.impl("token_mu", &token_mu_cuda);
+  m.impl("steered_nll", &steered_nll_cuda);
 }
 
 }  // namespace svd_fast

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "steering_math.h"
 
@@ -80,6 +81,28 @@ struct TokenMuTensors {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tuple() const {
     return {mu_star, valid, numerator, norm_sq};
   }
+};
+
+inline void check_strengths(const LogitRows& x, const at::Tensor& mus) {
+  TORCH_CHECK(mus.scalar_type() == at::kFloat && mus.dim() == 1 && mus.is_contiguous() &&
+                  mus.device() == x.z_a.device(),
+              "svd_fast: mus must be a contiguous 1-D float32 tensor of strengths, on the logits' device");
+}
+
+// Outputs of steered_nll: loss, d_loss, d2_loss, each float32 [rows..., K].
+struct NllTensors {
+  at::Tensor loss, d_loss, d2_loss;
+
+  NllTensors(const at::Tensor& z_adapted, int64_t strengths) {
+    std::vector<int64_t> shape(z_adapted.sizes().begin(), z_adapted.sizes().end() - 1);
+    shape.push_back(strengths);
+    const auto f32 = z_adapted.options().dtype(at::kFloat);
+    loss = at::empty(shape, f32);
+    d_loss = at::empty(shape, f32);
+    d2_loss = at::empty(shape, f32);
+  }
+  NllOutputs pointers() { return {loss.data_ptr<float>(), d_loss.data_ptr<float>(), d2_loss.data_ptr<float>()}; }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> tuple() const { return {loss, d_loss, d2_loss}; }
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

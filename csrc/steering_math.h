@@ -204,4 +204,99 @@ SVD_HD void write_token_mu(const TokenMuOutputs& out, int64_t row, bool target, 
   out.norm_sq[row] = target ? (bad ? kNaN : delta_k_sq) : 0.0f;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// steered_nll: the NLL of a label under z_hat(mu) and its first two derivatives in mu, for K strengths.
+// z_hat(mu) = x0 + mu * slope is affine in mu at every token: kept tokens x0 = z_a, slope = delta; masked
+// tokens x0 = z_a, slope = 0 ("keep") or lambda (finite fill), or x0 = -inf (fill -inf: out of the
+// softmax). So loss = logsumexp z_hat - z_hat[label] is convex in mu, with
+//   d_loss = E_{p_hat}[slope] - slope[label],   d2_loss = Var_{p_hat}[slope].
+// The moments are accumulated about c = slope[label] (t = slope - c), which gives d_loss without a
+// subtraction and keeps the variance's cancellation small when the label carries most of p_hat.
+
+struct NllFill {
+  bool neg_inf;  // masked tokens leave the softmax
+  float slope;   // masked tokens' slope: lambda for a finite fill, 0 for "keep"
+};
+
+SVD_HD NllFill nll_fill(int64_t fill_mode, float fill_value) {
+  return NllFill{fill_mode == kFillNegInf, fill_mode == kFillValue ? fill_value : 0.0f};
+}
+
+// z_hat(mu) = x0 + mu * slope at one token, from its delta and whether it is kept.
+SVD_HD void nll_line(float a, float delta, bool kept, NllFill fill, float& x0, float& slope) {
+  x0 = (kept || !fill.neg_inf) ? a : -kInf;
+  slope = kept ? delta : fill.slope;
+}
+
+// sum = sum exp(x - max), s1 = sum exp(x - max) t, s2 = sum exp(x - max) t^2 over (part of) a row, for
+// one strength (x = z_hat(mu), t = slope - slope[label]).
+struct NllStats {
+  float max, sum, s1, s2;
+};
+
+SVD_HD NllStats empty_nll_stats() { return NllStats{-kInf, 0.0f, 0.0f, 0.0f}; }
+
+SVD_HD NllStats rescale(const NllStats& s, float new_max) {
+  if (!(s.sum > 0.0f)) return NllStats{new_max, s.sum, s.s1, s.s2};
+  const float f = fast_exp(s.max - new_max);
+  return NllStats{new_max, s.sum * f, s.s1 * f, s.s2 * f};
+}
+
+SVD_HD NllStats merge(const NllStats& x, const NllStats& y) {
+  const float m = max_ignoring_nan(x.max, y.max);
+  const NllStats xs = rescale(x, m), ys = rescale(y, m);
+  return NllStats{m, xs.sum + ys.sum, xs.s1 + ys.s1, xs.s2 + ys.s2};
+}
+
+// Adds one token (x, t) online (the CUDA threads' accumulation; the CPU works a block at a time).
+SVD_HD void add_token(NllStats& s, float x, float t) {
+  if (!(x > -kInf)) return;  // out of the softmax (and NaN, which only bad rows hold)
+  if (x > s.max) s = rescale(s, x);
+  const float e = fast_exp(x - s.max);
+  s.sum += e;
+  s.s1 += e * t;
+  s.s2 += e * t * t;
+}
+
+// Where steered_nll writes: [rows, K] each.
+struct NllOutputs {
+  float* loss;
+  float* d_loss;
+  float* d2_loss;
+};
+
+// What a row's label contributes: its line (x0, slope) and whether it is a target at all.
+struct NllLabel {
+  bool target;
+  float x0, slope;
+};
+
+SVD_HD NllLabel nll_label(bool target, float a, float b, const RowSummary& r, NllFill fill) {
+  NllLabel l{target, -kInf, 0.0f};
+  if (!target || r.bad) return l;
+  float p_a;
+  const float d = steering_delta(a, b, r, p_a);
+  nll_line(a, d, is_kept(a, r), fill, l.x0, l.slope);
+  return l;
+}
+
+// Ignored rows give (0, 0, 0); bad (NaN) rows NaN; a label z_hat rules out (x0 = -inf) gives (+inf, 0, 0).
+SVD_HD void write_nll(const NllOutputs& out, int64_t index, const NllLabel& label, bool bad, float mu,
+                      const NllStats& s) {
+  float loss = 0.0f, d_loss = 0.0f, d2_loss = 0.0f;
+  if (label.target && bad) {
+    loss = d_loss = d2_loss = kNaN;
+  } else if (label.target && !(label.x0 > -kInf)) {
+    loss = kInf;
+  } else if (label.target) {
+    loss = (s.max - (label.x0 + mu * label.slope)) + logf(s.sum);
+    d_loss = s.s1 / s.sum;
+    const float var = s.s2 / s.sum - d_loss * d_loss;
+    d2_loss = var > 0.0f ? var : 0.0f;
+  }
+  out.loss[index] = loss;
+  out.d_loss[index] = d_loss;
+  out.d2_loss[index] = d2_loss;
+}
+
 }  // namespace svd_fast

@@ -35,6 +35,9 @@ TORCH_LIBRARY(svd_fast, m) {
   m.def(
       "token_mu(Tensor z_adapted, Tensor z_base, Tensor labels, float log_alpha, float eps, "
       "int ignore_index) -> (Tensor mu_star, Tensor valid, Tensor numerator, Tensor norm_sq)");
+  m.def(
+      "steered_nll(Tensor z_adapted, Tensor z_base, Tensor labels, Tensor mus, float log_alpha, int fill_mode, "
+      "float fill_value, int ignore_index) -> (Tensor loss, Tensor d_loss, Tensor d2_loss)");
   m.impl("steer_logits", c10::DispatchKey::CompositeExplicitAutograd, TORCH_FN(steer_logits));
   // x [..., in] @ weight[out, in]^T + bias: a CPU kernel for <= 16 rows, at::linear everywhere else.
   m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");

@@ -4,6 +4,7 @@
     delta = svd_fast.steering_vector(z_adapted, z_base)
     z_hat = svd_fast.steer_logits(z_adapted, z_base, mu=0.5, alpha=0.1)
     mu_star, valid = svd_fast.token_mu(z_adapted, z_base, labels)
+    loss, d_loss, d2_loss = svd_fast.steered_nll(z_adapted, z_base, labels, mus=[-1.0, 0.0, 1.0])
 
     peft_model = svd_fast.warm_start(model, tokenizer, train_examples, method="lora")
     cal = svd_fast.calibrate(peft_model, tokenizer, calib_examples, alpha=0.1)
@@ -28,6 +29,7 @@ from .ops import (
     set_cpu_isa,
     small_batch_linear,
     steer_logits,
+    steered_nll,
     steering_vector,
     supported_cpu_isas,
     token_mu,
@@ -51,7 +53,7 @@ _LAZY = {
 }
 
 __all__ = ["reference", "cpu_isa", "forced_cpu_isa", "get_backend", "has_cuda_kernels", "native_available",
-           "set_backend", "set_cpu_isa", "small_batch_linear", "steer_logits", "steering_vector", "supported_cpu_isas",
+           "set_backend", "set_cpu_isa", "small_batch_linear", "steer_logits", "steered_nll", "steering_vector", "supported_cpu_isas",
            "token_mu", "__version__"]
 __all__ += list(_LAZY)
 

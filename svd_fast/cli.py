@@ -145,11 +145,26 @@ def cmd_calibrate(args):
 
     examples = _read_records(args.data, "calibration data")
     peft_model, tokenizer = _load_adapted(args.model, args.adapter)
-    cal = calibrate(peft_model, tokenizer, examples, alpha=args.alpha, reduce=args.reduce,
+    cal = calibrate(peft_model, tokenizer, examples, alpha=args.alpha, reduce=args.reduce, fill=args.fill,
                     batch_size=args.batch_size, max_length=args.max_length)
     path = cal.save(args.out or args.adapter)
     print(f"mu_bar = {cal.mu_bar:.4f} ({cal.reduce} of {cal.n_tokens} positions, {cal.n_skipped} skipped; "
           f"mean {cal.mean:.4f}, median {cal.median:.4f}, std {cal.std:.4f}) -> {path}")
+    print("strengths: " + ", ".join(f"{name} {value:+.4f}" for name, value in cal.reductions.items()))
+    print(nll_gain_line(cal))
+
+
+def nll_gain_line(cal):
+    """The calibration NLL at mu = 0 and at mu_bar, in one line a user can read before any evaluation."""
+    gain = cal.nll_gain
+    if not gain:
+        return "calibration NLL: no answer position left in L (every label ruled out by the mask)"
+    lo, hi = gain["ci"]
+    excluded = f"; {cal.n_nll_excluded} positions left out (label outside the keep set)" if cal.n_nll_excluded else ""
+    return (f"steering can improve this adapter's answers by {gain['improvement']:+.4f} nats per token here "
+            f"[95% bootstrap over {gain['n_examples']} examples: {lo:+.4f}, {hi:+.4f}] (calibration NLL "
+            f"{gain['nll_at_zero']:.4f} at mu = 0 -> {gain['nll_at_mu']:.4f} at mu_bar {gain['mu']:+.4f}, fill "
+            f"{cal.fill}{excluded})")
 
 
 def cmd_generate(args):
@@ -287,13 +302,18 @@ def cmd_demo(args):
     s = cell["summary"]["acc"]
     print(f"\nSmolLM2-135M-Instruct, LoRA warm start on {args.train} ARC-Easy questions, mu calibrated on {args.calib}, "
           f"scored on {cell['n']} held-out questions (length-normalised log-likelihood, fill=keep):")
-    for name in ("base", "adapter", "steered", "median", "ratio", "no_mask"):
+    for name in ("base", "adapter", "steered", "nll", "median", "ratio", "no_mask"):
+        if name not in s:
+            continue
         lo, hi = s[name]["ci"]
-        print(f"  {name:8s} accuracy {100 * s[name]['mean']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]")
+        mu = f"  (mu {cell['variants'][name]['mu']:+.3f})" if name in cell["variants"] else ""
+        print(f"  {name:8s} accuracy {100 * s[name]['mean']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]{mu}")
     print(f"  steered - adapter: {100 * s['delta']['mean']:+.1f} points, paired test p = {s['p']:.3f} "
-          f"(mu_bar = {cell['mu_bar']:+.3f})")
+          f"(mu_bar = {cell['mu_bar']:+.3f}, the paper's mean)")
+    peft_model, tokenizer, calibrations = evaluation.load_job(args.out, job, args.model)
+    main = calibrations[evaluation.ALPHAS[0]]
+    print(f"  exact strength (the minimiser of the calibration NLL, alpha {main.alpha}): {nll_gain_line(main)}")
     # One question, decoded greedily by the adapter and with steering (the -inf mask acting).
-    peft_model, tokenizer, _ = evaluation.load_job(args.out, job, args.model)
     question = data.split(data.load_benchmark("arc_easy"), args.train, args.calib, args.test, args.seed).test[0]
     batch = tokenizer(question.prompt, return_tensors="pt")
     with torch.no_grad():
@@ -305,7 +325,8 @@ def cmd_demo(args):
     for name, tokens in (("adapter", plain), ("steered", steered)):
         text = tokenizer.decode(tokens[0, width:], skip_special_tokens=True).strip()
         print(f"  {name}: {text.splitlines()[0] if text else ''}")
-    print(f"\ntables: {args.out}/results.md; plots: {args.out}/plots/; done in {time.time() - start:.0f} s")
+    print(f"\ntables: {args.out}/results.md; plots: {args.out}/plots/ (the NLL curve: {job.name}_nll.png); "
+          f"done in {time.time() - start:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,7 +354,10 @@ def build_parser():
     p.add_argument("--adapter", required=True, help="folder of the PEFT adapter")
     p.add_argument("--data", required=True, help='JSON Lines of {"prompt": ..., "answer": ...}')
     p.add_argument("--alpha", type=_alpha, default=0.1)
-    p.add_argument("--reduce", default="mean", choices=["mean", "median", "trimmed", "ratio"])
+    p.add_argument("--reduce", default="mean", choices=["mean", "median", "trimmed", "ratio", "nll"],
+                   help="mean: the paper's; nll: the exact minimiser of the steered calibration NLL")
+    p.add_argument("--fill", type=_fill, default=float("-inf"),
+                   help="masked tokens while decoding (-inf, keep or a number); the nll strength is fitted for it")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--out", help="where to write steering_config.json (default: the adapter folder)")

@@ -176,3 +176,39 @@ def _native_by_default():
     torch.manual_seed(0)
     with backend("native"):
         yield
+
+
+def steered_nll_oracle(z_adapted, z_base, labels, mus, alpha=0.1, fill="keep"):
+    """(expected (loss, d_loss, d2_loss), their bounds, rows to skip) for steered_nll.
+
+    Per row and strength: x = z_a + mu * slope is rounded to the size of the row's largest |x| and carries
+    |mu| times the slope's error (delta's, 2 tol S); the weights exp(x - max) and the log of their sum are
+    then off by w = tol (4 + 2 max|x|) + 2 |mu| e_slope. loss is off by w + tol; d_loss = E[t] (t = slope -
+    slope[label], |t| <= T = 2 max|slope|) by w T + tol T + 2 e_slope; d2_loss = E[t^2] - E[t]^2 by
+    2 T^2 (w + tol) + 4 T e_slope. Rows with a token on the keep threshold are skipped."""
+    from svd_fast import reference
+
+    want = oracle(reference.steered_nll, z_adapted, z_base, labels, mus, alpha=alpha, fill=fill)
+    vocab = z_adapted.shape[-1]
+    za, zb = z_adapted.double().reshape(-1, vocab).cpu(), z_base.double().reshape(-1, vocab).cpu()
+    mus = torch.as_tensor(mus, dtype=torch.float64).reshape(1, -1)
+    tol = f32_tolerance(vocab)
+    kept = reference.keep_mask(za, alpha)
+    masked_slope = 0.0 if fill in ("keep", -math.inf) else fill
+    slope = torch.where(kept, reference.steering_vector(za, zb), masked_slope).nan_to_num(0.0)
+    in_softmax = kept if fill == -math.inf else za > -math.inf
+    max_slope = torch.where(in_softmax, slope.abs(), 0.0).amax(-1, keepdim=True)
+    max_za = torch.where(za > -math.inf, za.abs(), 0.0).nan_to_num(0.0, posinf=0.0).amax(-1, keepdim=True)
+    e_slope = 2 * tol * delta_error_scale(za, zb)
+    w = tol * (4 + 2 * (max_za + mus.abs() * max_slope)) + 2 * mus.abs() * e_slope
+    t = 2 * max_slope
+    bounds = (w + tol, w * t + tol * t + 2 * e_slope, 2 * t**2 * (w + tol) + 4 * t * e_slope)
+    shape = want[0].shape
+    skip = undecidable_keep(za, alpha).any(-1, keepdim=True).expand(-1, mus.shape[1])
+    return want, tuple(b.reshape(shape) for b in bounds), skip.reshape(shape)
+
+
+def assert_steered_nll_matches_oracle(got, z_adapted, z_base, labels, mus, alpha=0.1, fill="keep", expected=None):
+    want, bounds, skip = expected or steered_nll_oracle(z_adapted, z_base, labels, mus, alpha, fill)
+    for name, got_t, want_t, bound in zip(("loss", "d_loss", "d2_loss"), got, want, bounds):
+        assert_close_rows(got_t, want_t.cpu(), bound, f"steered_nll {name}:", skip)

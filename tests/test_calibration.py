@@ -68,6 +68,125 @@ def test_reducers():
         reduce_mu(values, reduce="mode")
 
 
+def direct_positions(model, tok, examples):
+    """Both models' logits at every answer position (one example at a time) and the labels, float64."""
+    z_as, z_bs, labels = [], [], []
+    for ex in examples:
+        prompt = tok(ex["prompt"])["input_ids"]
+        ids = torch.tensor([prompt + tok(ex["answer"], add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            z_a = model(input_ids=ids).logits[0, -ids.shape[1]:]
+            with model.disable_adapter():
+                z_b = model(input_ids=ids).logits[0]
+        positions = list(range(len(prompt) - 1, ids.shape[1] - 1))
+        z_as.append(z_a[positions].double())
+        z_bs.append(z_b[positions].double())
+        labels.append(ids[0, len(prompt):])
+    return torch.cat(z_as), torch.cat(z_bs), torch.cat(labels)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("fill", ["keep", float("-inf"), -2.0])
+def test_nll_strength_is_the_exact_minimiser(fill, method):
+    """mu_nll (reduce="nll") against the float64 reference on the answer positions computed one example at a
+    time: L'(mu_nll) = 0 to Newton's tolerance, L there below every grid point, the grid curve and the count of
+    excluded positions equal, and the Newton trace ends where the result says."""
+    model, tok = adapted("llama", method), char_tokenizer()
+    cal = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill=fill, batch_size=2, progress=False)
+    z_a, z_b, labels = direct_positions(model, tok, EXAMPLES)
+
+    def total(mus):
+        loss, d_loss, d2_loss = reference.steered_nll(z_a, z_b, labels, mus, alpha=0.3, fill=fill)
+        usable = torch.isfinite(loss[:, 0])
+        return loss[usable].sum(0), d_loss[usable].sum(0), d2_loss[usable].sum(0), int(usable.sum())
+
+    grid_loss, _, _, n = total(cal.nll_curve["mu"])
+    assert cal.n_nll_tokens == n and cal.n_nll_excluded == len(labels) - n
+    torch.testing.assert_close(torch.tensor(cal.nll_curve["loss"], dtype=torch.float64), grid_loss / n,
+                               rtol=1e-4, atol=1e-5)
+    loss, d_loss, d2_loss, _ = total([cal.mu_nll])
+    assert cal.mu_bar == cal.mu_nll == cal.reductions["nll"] and cal.nll_refined and cal.nll_trace
+    assert cal.nll_trace[-1]["mu"] == cal.mu_nll
+    assert abs(float(d_loss[0])) <= 1e-4 * float(d2_loss[0]) * (1 + abs(cal.mu_nll)) + 1e-6 * n
+    assert float(loss[0]) <= float(grid_loss.min()) + 1e-6 * n
+    assert set(cal.reductions) == {"mean", "median", "trimmed", "ratio", "nll"}
+    gain = cal.nll_gain  # the calibration NLL per token at 0 and at mu_bar, over the positions in L
+    zero_loss = total([0.0])[0]
+    assert gain["mu"] == cal.mu_bar and gain["n_examples"] == len(EXAMPLES)
+    assert gain["nll_at_zero"] == pytest.approx(float(zero_loss[0]) / n, rel=1e-5)
+    assert gain["nll_at_mu"] == pytest.approx(float(loss[0]) / n, rel=1e-5)
+    assert gain["improvement"] >= -1e-6 and gain["ci"][0] <= gain["improvement"] <= gain["ci"][1]
+    if fill == "keep":  # no position can be ruled out, and L(0) is the adapted model's cross-entropy
+        assert cal.n_nll_excluded == 0
+        zero = cal.nll_curve["mu"].index(0.0)
+        ce = torch.nn.functional.cross_entropy(z_a, labels)
+        assert cal.nll_curve["loss"][zero] == pytest.approx(float(ce), rel=1e-4)
+
+
+def test_nll_grid_estimate_without_refinement():
+    """Other reducers still report mu_nll: the grid's Newton estimate, without extra passes."""
+    model, tok = adapted("llama"), char_tokenizer()
+    exact = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill="keep", progress=False)
+    cal = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="mean", fill="keep", progress=False)
+    assert not cal.nll_refined and not cal.nll_trace and cal.reductions["nll"] == cal.mu_nll
+    z_a, z_b, labels = direct_positions(model, tok, EXAMPLES)
+    at_mean = reference.steered_nll(z_a, z_b, labels, [cal.mu_bar], alpha=0.3, fill="keep")[0]
+    assert cal.nll_gain["nll_at_mu"] == pytest.approx(float(at_mean.mean()), rel=1e-5)  # the extra pass at mu_bar
+    assert cal.mu_bar == cal.reductions["mean"] and cal.nll_curve == exact.nll_curve
+    lo = max(m for m, d in zip(cal.nll_curve["mu"], cal.nll_curve["d_loss"]) if d < 0)
+    hi = min(m for m, d in zip(cal.nll_curve["mu"], cal.nll_curve["d_loss"]) if d > 0)
+    assert lo < cal.mu_nll < hi and lo < exact.mu_nll < hi
+
+
+def _search_on(loss_fn, start_grid):
+    """Runs _NllSearch on a synthetic convex L(mu) (sum over 'positions' = 1), as calibrate_sweep drives it."""
+    from svd_fast.adaptation.calibration import _NllSearch
+
+    def at(mu):
+        mu = torch.tensor(mu, dtype=torch.float64, requires_grad=True)
+        value = loss_fn(mu)
+        (first,) = torch.autograd.grad(value, mu, create_graph=True)
+        second = torch.autograd.grad(first, mu)[0] if first.requires_grad else torch.zeros(())
+        return float(value.detach()), float(first.detach()), float(second)
+
+    search = _NllSearch(start_grid, torch.tensor([at(m) for m in start_grid]).t(), n=1, excluded=0)
+    for step in range(60):
+        if search.done:
+            break
+        mu = search.candidate()
+        search.update(mu, *at(mu))
+    return search
+
+
+@pytest.mark.parametrize("minimum", [0.3, -7.7, 150.0, -1000.0])
+def test_nll_search_finds_minimum_inside_and_beyond_the_grid(minimum):
+    from svd_fast.adaptation.calibration import NLL_GRID
+
+    # a log-sum-exp convex curve, flat far away (where Newton alone overshoots), with its minimum at `minimum`
+    def loss(mu):
+        x = (mu - minimum) / 5.0
+        return torch.logsumexp(torch.stack([x, -x, torch.zeros_like(x)]), 0)
+
+    search = _search_on(loss, list(NLL_GRID))
+    assert search.done and search.mu == pytest.approx(minimum, rel=1e-5, abs=1e-5)
+    if abs(minimum) < 64:
+        assert len(search.trace) <= 5  # Newton from the grid's bracket
+
+
+def test_nll_search_stops_at_the_limit_when_the_infimum_is_at_infinity():
+    from svd_fast.adaptation.calibration import MU_LIMIT, NLL_GRID
+
+    search = _search_on(lambda mu: torch.nn.functional.softplus(mu / 10.0), list(NLL_GRID))  # falls forever as mu -> -inf
+    assert search.done and search.at_limit and search.mu == -MU_LIMIT and len(search.trace) <= 5
+
+
+def test_nll_search_on_a_flat_curve_gives_zero():
+    from svd_fast.adaptation.calibration import NLL_GRID
+
+    search = _search_on(lambda mu: mu * 0.0 + 2.0, list(NLL_GRID))
+    assert search.done and search.candidate() == 0.0 and search.mu == 0.0
+
+
 def test_negative_mu_bar_is_not_clipped():
     assert reduce_mu(torch.tensor([-3.0, -1.0, 0.5]), reduce="mean") < 0
 
@@ -79,8 +198,10 @@ def test_save_and_load_roundtrip(tmp_path):
     data = json.loads(open(path).read())
     assert data["mu_bar"] == cal.mu_bar and data["reduce"] == "median" and data["fill"] == "-inf"
     assert data["library_version"] == svd_fast.__version__
+    assert data["nll_curve"]["mu"] and data["n_nll_tokens"] + data["n_nll_excluded"] == cal.n_tokens + cal.n_skipped
     loaded = CalibrationResult.load(str(tmp_path / "adapter"))
     assert loaded.mu_bar == cal.mu_bar and loaded.fill == float("-inf") and loaded.reductions == cal.reductions
+    assert loaded.nll_curve == cal.nll_curve and loaded.mu_nll == cal.mu_nll
     with pytest.raises(FileNotFoundError, match="no steering_config.json"):
         CalibrationResult.load(str(tmp_path / "missing"))
     (tmp_path / "broken").mkdir()
@@ -108,8 +229,12 @@ def _calibrate_on_rank(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cal = svd_fast.calibrate(adapted("llama"), char_tokenizer(), EXAMPLES, alpha=0.3, progress=False)
+        exact = svd_fast.calibrate(adapted("llama"), char_tokenizer(), EXAMPLES, alpha=0.3, reduce="nll", fill="keep",
+                                   progress=False)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"mu_bar": cal.mu_bar, "n": cal.n_tokens, "values": sorted(cal.values.tolist())}, f)
+            json.dump({"mu_bar": cal.mu_bar, "n": cal.n_tokens, "values": sorted(cal.values.tolist()),
+                       "mu_nll": exact.mu_nll, "curve": exact.nll_curve["loss"], "n_nll": exact.n_nll_tokens,
+                       "gain": exact.nll_gain}, f)
     finally:
         dist.destroy_process_group()
 
@@ -121,12 +246,20 @@ def test_distributed_calibration_equals_single_process(tmp_path):
     sys.path.insert(0, os.path.dirname(__file__))
     mp.spawn(_calibrate_on_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     single = svd_fast.calibrate(adapted("llama"), char_tokenizer(), EXAMPLES, alpha=0.3, progress=False)
+    exact = svd_fast.calibrate(adapted("llama"), char_tokenizer(), EXAMPLES, alpha=0.3, reduce="nll", fill="keep",
+                               progress=False)
+    mu_nll = [json.loads((tmp_path / f"rank{rank}.json").read_text())["mu_nll"] for rank in range(2)]
+    assert mu_nll[0] == mu_nll[1] and mu_nll[0] == pytest.approx(exact.mu_nll, rel=1e-4, abs=1e-5)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["n"] == single.n_tokens
         # other batch compositions (shards) pad differently: float32 noise only
         assert got["mu_bar"] == pytest.approx(single.mu_bar, rel=1e-5, abs=1e-6)
         assert got["values"] == pytest.approx(sorted(single.values.tolist()), rel=1e-4, abs=1e-5)
+        assert got["n_nll"] == exact.n_nll_tokens and got["curve"] == pytest.approx(exact.nll_curve["loss"], rel=1e-5)
+        assert got["gain"]["n_examples"] == len(EXAMPLES)
+        assert got["gain"]["improvement"] == pytest.approx(exact.nll_gain["improvement"], rel=1e-3, abs=1e-6)
+        assert got["gain"]["ci"] == pytest.approx(exact.nll_gain["ci"], rel=1e-3, abs=1e-6)  # examples in one order
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ def test_full_pipeline(workspace):
     assert done.returncode == 0, done.stderr
     config = json.loads(open(os.path.join(adapter, "steering_config.json")).read())
     assert "mu_bar = " in done.stdout and config["alpha"] == 0.3 and config["n_tokens"] > 0
+    assert "steering can improve this adapter's answers by" in done.stdout and "strengths: mean" in done.stdout
+
+    exact_dir = str(workspace / "exact")
+    done = run("calibrate", "--model", base, "--adapter", adapter, "--data", str(workspace / "calib.jsonl"),
+               "--alpha", "0.3", "--reduce", "nll", "--fill", "keep", "--out", exact_dir)
+    assert done.returncode == 0, done.stderr
+    exact = json.loads(open(os.path.join(exact_dir, "steering_config.json")).read())
+    assert exact["reduce"] == "nll" and exact["fill"] == "keep" and exact["mu_bar"] == exact["mu_nll"]
+    assert exact["nll_trace"] and exact["nll_gain"]["improvement"] >= -1e-6
+    assert f"at mu_bar {exact['mu_bar']:+.4f}" in done.stdout
 
     done = run("generate", "--model", base, "--adapter", adapter, "--prompt", "Q: 1+1? A:", "--prompt", "Q: 3+3? A:",
                "--max-new-tokens", "4", "--compare")

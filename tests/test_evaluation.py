@@ -211,8 +211,10 @@ def test_run_is_resumable_and_reports(fake_world, tmp_path):
     assert len(calls) == 2 and len(first["cells"]) == 3
     cell = first["cells"][0]
     assert cell["n"] == 5 and set(cell["summary"]["acc"]) >= {"adapter", "base", "steered", "no_mask", "alpha=0.9",
-                                                               "median", "ratio", "mu=+3", "delta", "p"}
-    assert cell["mu_bar"] == pytest.approx(first["calibration"]["lora-arc_easy+piqa-e1"]["0.1"]["reductions"]["mean"])
+                                                               "median", "ratio", "nll", "mu=+3", "delta", "p"}
+    main = first["calibration"]["lora-arc_easy+piqa-e1"]["0.1"]
+    assert cell["mu_bar"] == pytest.approx(main["reductions"]["mean"])
+    assert main["nll_refined"] and cell["variants"]["nll"]["mu"] == pytest.approx(main["mu_nll"])  # the exact strength
     assert set(first["cells"][2]["summary"]) == {"mc1", "mc2", "mc3"}
     # a finished cell is skipped; a lost cell is recomputed from the saved adapter, identically
     os.remove(os.path.join(out, "cells", "lora-arc_easy+piqa-e1__piqa.json"))
@@ -222,7 +224,8 @@ def test_run_is_resumable_and_reports(fake_world, tmp_path):
     md = open(os.path.join(out, "results.md")).read()
     assert "| lora-arc_easy+piqa-e1 | piqa | acc | 5 |" in md and "no_mask" in md and "mc2" in md
     plots = sorted(os.listdir(os.path.join(out, "plots")))
-    assert "lora-arc_easy+piqa-e1.png" in plots and "ia3-truthfulqa-e1_mu.png" in plots
+    assert "lora-arc_easy+piqa-e1.png" in plots and "ia3-truthfulqa-e1_mu.png" in plots and "ia3-truthfulqa-e1_nll.png" in plots
+    assert "| mean (paper) | median | trimmed | ratio | nll | NLL at 0 |" in md
     with pytest.raises(ValueError, match="other settings"):
         evaluation.run(jobs[:1], out, evaluation.Sizes(train=7, calib=4, test=5), model=base, progress=False,
                        log=lambda m: None)

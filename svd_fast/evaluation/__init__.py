@@ -1,6 +1,6 @@
 """The evaluation on a real model, offline: the default model from its PyPI package (`models`), the
 benchmarks and their splits (`data`), the resumable harness (`harness`: jobs, scoring, cells), its
-statistics (`statistics`) and the tables and plots (`report`).
+statistics (`svd_fast.statistics`, shared with the calibration) and the tables and plots (`report`).
 
     from svd_fast.evaluation import data, models
     results = svd_fast.evaluation.run([svd_fast.evaluation.Job("lora", train_on=("piqa",), eval_on=("piqa",))], "runs/b")
@@ -13,7 +13,7 @@ from .data import metric_names
 _HARNESS = ("Job", "Sizes", "run", "collect", "load_job", "matrix_jobs", "variants", "question_metrics", "parse_choice",
             "score_question", "option_logits", "generate_choices", "ALPHAS", "FIXED_MU", "LEARNING_RATES", "NO_MASK_ALPHA",
             "PROTOCOLS")
-_STATISTICS = ("bootstrap_ci", "paired_test", "summarise_cell")
+_STATISTICS = ("bootstrap_ci", "bootstrap_ratio_ci", "paired_test", "summarise_cell")
 
 __all__ = ["data", "models", "metric_names", *_HARNESS, *_STATISTICS]
 
@@ -24,7 +24,9 @@ def __getattr__(name):
     if name in _HARNESS:
         return getattr(importlib.import_module(".harness", __name__), name)
     if name in _STATISTICS:
-        return getattr(importlib.import_module(".statistics", __name__), name)
-    if name in ("harness", "statistics", "report"):
+        return getattr(importlib.import_module("..statistics", __name__), name)
+    if name == "statistics":
+        return importlib.import_module("..statistics", __name__)
+    if name in ("harness", "report"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

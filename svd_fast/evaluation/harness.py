@@ -27,7 +27,7 @@ from ..adaptation.calibration import CalibrationResult, calibrate_sweep
 from ..decoding.batching import collate
 from ..decoding import SteeredModel
 from . import data as datasets_
-from .statistics import summarise_cell
+from ..statistics import summarise_cell
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 NO_MASK_ALPHA = 1e-30  # keeps every token within 69 nats of the top; below that delta is 0 in float32 anyway
@@ -95,8 +95,9 @@ def variants(calibrations):
     """name -> (mu, alpha): what is scored besides the adapter and the base model."""
     main = calibrations[ALPHAS[0]]
     out = {"steered": (main.reductions["mean"], ALPHAS[0])}
-    for reducer in ("median", "trimmed", "ratio"):
-        out[reducer] = (main.reductions[reducer], ALPHAS[0])
+    for reducer in ("median", "trimmed", "ratio", "nll"):
+        if reducer in main.reductions:  # calibrations of runs before the exact strength lack "nll"
+            out[reducer] = (main.reductions[reducer], ALPHAS[0])
     for alpha in ALPHAS[1:]:
         out[f"alpha={alpha}"] = (calibrations[alpha].reductions["mean"], alpha)
     out["no_mask"] = (calibrations[NO_MASK_ALPHA].reductions["mean"], NO_MASK_ALPHA)
@@ -260,7 +261,7 @@ def _load_calibrated(folder, base_path):
 
     base, tokenizer = models.load(base_path, progress=False)
     peft_model = peft.PeftModel.from_pretrained(base, folder).eval()
-    calibrations = {float(a): CalibrationResult(**{**c, "fill": float("-inf")})
+    calibrations = {float(a): CalibrationResult.from_dict(c)
                     for a, c in _read_json(os.path.join(folder, "calibration.json")).items()}
     return peft_model, tokenizer, calibrations
 
@@ -292,7 +293,9 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log):
     peft_model = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs, lr=job.learning_rate,
                             batch_size=job.batch_size, seed=0, progress=progress)
     log(f"[{job.name}] calibrating mu on {len(calib)} examples, alphas {list(ALPHAS)} and no mask")
-    calibrations = calibrate_sweep(peft_model, tokenizer, calib, ALPHAS + (NO_MASK_ALPHA,), progress=progress)
+    # reduce="nll": every alpha's exact strength beside the first-order ones; fill="keep", as the options are scored
+    calibrations = calibrate_sweep(peft_model, tokenizer, calib, ALPHAS + (NO_MASK_ALPHA,), reduce="nll", fill="keep",
+                                   progress=progress)
     peft_model.save_pretrained(folder)
     np.save(os.path.join(folder, "mu_star.npy"), calibrations[ALPHAS[0]].values.numpy())
     _write_json(calib_path, {str(a): c.to_dict() for a, c in calibrations.items()})  # written last: marks done
@@ -402,7 +405,7 @@ def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, que
     cell = {"job": job.name, "method": job.method, "epochs": job.epochs, "benchmark": benchmark,
             "protocol": protocol, "n": len(test), "mu_bar": mu_bar, "mode": steered.mode,
             "variants": {name: {"mu": mu, "alpha": alpha} for name, (mu, alpha) in scored.items()},
-            "summary": summarise_cell(per_question, benchmark), "per_question": per_question}
+            "summary": summarise_cell(per_question, datasets_.metric_names(benchmark)), "per_question": per_question}
     if protocol == "generate":
         cell["generated"] = generated
     _write_json(_cell_path(out, job, benchmark, protocol), cell)

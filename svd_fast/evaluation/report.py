@@ -5,7 +5,7 @@ import numpy as np
 
 from .data import metric_names
 
-ROBUSTNESS = ("median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7", "alpha=0.9",
+ROBUSTNESS = ("nll", "median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7", "alpha=0.9",
               "mu=-1", "mu=+1", "mu=+3")
 
 
@@ -44,7 +44,29 @@ def markdown(results):
         for cell, metric, s in _rows(results):
             changes = [f"{100 * (s[v]['mean'] - s['adapter']['mean']):+.1f}" if v in s else "-" for v in present]
             lines.append(f"| {_job(cell)} | {cell['benchmark']} | {metric} | " + " | ".join(changes) + " |")
+    lines += _calibration_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _calibration_table(results):
+    """Per job (alpha = 0.1): every reducer's strength, and the calibration NLL per token at mu = 0 and at the
+    exact strength (the gain a user can read before any evaluation)."""
+    rows = []
+    for job, calibrations in results.get("calibration", {}).items():
+        main = calibrations.get("0.1", {})
+        gain, reductions = main.get("nll_gain"), main.get("reductions", {})
+        if not gain or "nll" not in reductions:
+            continue
+        strengths = " | ".join(f"{reductions.get(name, float('nan')):+.3f}" for name in
+                               ("mean", "median", "trimmed", "ratio", "nll"))
+        rows.append(f"| {job} | {strengths} | {gain['nll_at_zero']:.4f} | {gain['nll_at_mu']:.4f} | "
+                    f"{gain['improvement']:+.4f} [{gain['ci'][0]:+.4f}, {gain['ci'][1]:+.4f}] |")
+    if not rows:
+        return []
+    return ["", "Strengths from the calibration split (alpha 0.1) and its NLL per answer token (nats) at mu = 0 and at "
+            "the exact strength nll (fill keep; interval: 95% bootstrap over calibration examples):", "",
+            "| job | mean (paper) | median | trimmed | ratio | nll | NLL at 0 | NLL at nll | improvement [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def _averages(results):
@@ -64,7 +86,8 @@ def _averages(results):
 
 
 def plot(results, folder):
-    """plots/<job>.png (bars with 95% intervals per benchmark) and plots/<job>_mu.png (mu* histogram)."""
+    """plots/<job>.png (bars with 95% intervals per benchmark), plots/<job>_mu.png (mu* histogram) and
+    plots/<job>_nll.png (the calibration NLL curve with every reducer's strength)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +133,45 @@ def plot(results, folder):
         paths.append(os.path.join(folder, f"{job}_mu.png"))
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+        if main.get("nll_curve"):
+            paths.append(plot_nll_curve(main, os.path.join(folder, f"{job}_nll.png"), title=job))
     return paths
+
+
+def plot_nll_curve(calibration, path, title=""):
+    """The calibration NLL per token L(mu)/n on the grid and at the Newton steps (symlog strength axis), with
+    a vertical line at every reducer's strength. Writes `path` (PNG); returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve, trace = calibration["nll_curve"], calibration.get("nll_trace", [])
+    points = sorted(zip(curve["mu"] + [t["mu"] for t in trace], curve["loss"] + [t["loss"] for t in trace]))
+    styles = {"mean": ("C3", "-"), "median": ("C2", "--"), "trimmed": ("C4", ":"), "ratio": ("C5", "-."),
+              "nll": ("black", "-")}
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.5))
+    for ax, zoom in zip(axes, (False, True)):
+        shown = [(m, v) for m, v in points if not zoom or abs(m) <= 2.0]
+        ax.plot([m for m, _ in shown], [v for _, v in shown], "o-", color="C0", markersize=3, label="L(mu) / n")
+        ax.plot([t["mu"] for t in trace], [t["loss"] for t in trace], "x", color="C1", label="Newton steps")
+        for name, mu in calibration.get("reductions", {}).items():
+            color, style = styles.get(name, ("grey", ":"))
+            ax.axvline(mu, color=color, linestyle=style, linewidth=1, label=f"{name} {mu:+.3f}")
+        if zoom:
+            ax.set_xlim(-2.0, 2.0)
+            ax.set_title("|mu| <= 2", fontsize=9)
+        else:
+            ax.set_xscale("symlog", linthresh=0.25)
+            ax.set_ylabel("calibration NLL per token (nats)")
+            ax.set_title(f"{title}: steered NLL, alpha {calibration.get('alpha', '')}, fill "
+                         f"{calibration.get('fill', '')}", fontsize=9)
+        ax.set_xlabel("strength mu")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_report(results, out):

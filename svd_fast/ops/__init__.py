@@ -21,6 +21,7 @@ __all__ = [
     "steering_vector",
     "steer_logits",
     "token_mu",
+    "steered_nll",
     "small_batch_linear",
     "set_backend",
     "get_backend",
@@ -327,6 +328,55 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100,
     return tuple(result) if return_terms else tuple(result[:2])
 
 
+def _strengths(mus, z_adapted):
+    """mus as a contiguous 1-D float32 tensor on the logits' device."""
+    if isinstance(mus, torch.Tensor):
+        if not mus.is_floating_point() or mus.dim() > 1:
+            raise TypeError(f"mus must be a 1-D floating-point tensor or a list of floats, got a {mus.dtype} tensor "
+                            f"of shape {tuple(mus.shape)}")
+        if mus.device != z_adapted.device:
+            raise ValueError(f"mus is on {mus.device} but the logits are on {z_adapted.device}")
+        if mus.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(mus).all()):
+            raise ValueError("mus must be finite: the tensor holds NaN or inf")
+        return mus.reshape(-1).to(torch.float32).contiguous()
+    if isinstance(mus, (str, bytes)) or not hasattr(mus, "__iter__"):
+        raise TypeError(f"mus must be a 1-D tensor or a list of floats, got {type(mus).__name__}")
+    return torch.tensor([_check_mu_value(mu) for mu in mus], dtype=torch.float32, device=z_adapted.device)
+
+
+def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill="keep", ignore_index=-100):
+    """NLL of each label under the steered logits z_hat(mu), and its first two derivatives in mu, for K
+    strengths at once; fused: no [N, V] temporaries (the strength's objective, svd_fast.adaptation.calibration).
+
+    z_hat(mu) = z_a + mu * delta on the keep set, fill elsewhere (SPEC 3), is affine in mu at every token
+    (slope delta on the keep set, 0 for fill="keep", lambda for a finite fill), so per row
+        loss(mu)  = logsumexp z_hat(mu) - z_hat(mu)[label]       (convex in mu)
+        d_loss    = E_{softmax z_hat}[slope] - slope[label]
+        d2_loss   = Var_{softmax z_hat}[slope] >= 0
+
+    z_adapted, z_base: [..., V] logits (float32, bfloat16 or float16); labels: [...] token ids, ignore_index
+    where a position is not a target; mus: 1-D tensor or list of K finite strengths. alpha in (0, 1];
+    fill: "keep" (default), -inf or a finite float. Returns (loss, d_loss, d2_loss), each float32
+    [..., K] (nats). Ignored positions give 0; a label the steered distribution rules out (masked under
+    fill=-inf, or z_adapted = -inf there) gives loss = +inf and derivatives 0; a row with NaN gives NaN.
+    Raises TypeError / ValueError naming a bad argument.
+    """
+    _check_logits(z_adapted, z_base)
+    _check_alpha(alpha)
+    fill_mode, fill_value = _fill_args(fill)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_labels(labels, z_adapted, ignore_index)
+    labels = labels.reshape(z_adapted.shape[:-1])
+    mus = _strengths(mus, z_adapted)
+    if _use_native(z_adapted.device):
+        return tuple(torch.ops.svd_fast.steered_nll(z_adapted, z_base, labels.to(torch.int64), mus, math.log(alpha),
+                                                    fill_mode, fill_value, int(ignore_index)))
+    shape = (*z_adapted.shape[:-1], mus.numel())
+    result = reference.steered_nll(z_adapted, z_base, labels, mus, alpha, fill, ignore_index)
+    return tuple(t.reshape(shape) for t in result)
+
+
 def _check_linear_args(x, weight, bias):
     named = (("weight", weight), ("x", x)) if bias is None else (("weight", weight), ("x", x), ("bias", bias))
     for name, t in named:
@@ -385,6 +435,11 @@ if _NATIVE:
     @torch.library.register_fake("svd_fast::small_batch_linear")
     def _small_batch_linear_fake(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=weight.dtype)
+
+    @torch.library.register_fake("svd_fast::steered_nll")
+    def _steered_nll_fake(z_adapted, z_base, labels, mus, log_alpha, fill_mode, fill_value, ignore_index):
+        shape = (*z_adapted.shape[:-1], mus.shape[0])
+        return tuple(z_adapted.new_empty(shape, dtype=torch.float32) for _ in range(3))
 
     @torch.library.register_fake("svd_fast::token_mu")
     def _token_mu_fake(z_adapted, z_base, labels, log_alpha, eps, ignore_index):

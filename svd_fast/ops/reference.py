@@ -89,3 +89,40 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100)
     norm_sq = torch.where(target, torch.where(bad, float("nan"), norm_sq), 0.0)
     shape = z_adapted.shape[:-1]
     return tuple(t.reshape(shape) for t in (mu_star, valid, numerator, norm_sq))
+
+
+def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill=-INF, ignore_index=-100):
+    """NLL of each label under z_hat(mu) and its first two derivatives in mu, for every strength mu_k.
+
+    z_hat(mu) = z_a + mu * s with slope s = delta on the keep set, fill's slope elsewhere (0 for "keep",
+    lambda for a finite fill; under -inf the masked tokens are out of the softmax). Per row and strength:
+        loss = logsumexp z_hat - z_hat[label]
+        d_loss = E_{p_hat}[s] - s[label],   d2_loss = Var_{p_hat}[s]   (p_hat = softmax z_hat)
+    Returns three [..., K] tensors (the rows of the logits, one column per strength). Ignored rows give 0; a label that z_hat rules out
+    (masked under fill=-inf, or z_a = -inf) gives loss = +inf and derivatives 0; NaN rows give NaN.
+    """
+    vocab = z_adapted.shape[-1]
+    za = _upcast(z_adapted).reshape(-1, vocab)
+    zb = _upcast(z_base).reshape(-1, vocab)
+    labels = labels.reshape(-1)
+    mus = torch.as_tensor(mus, dtype=za.dtype, device=za.device).reshape(-1)
+    kept = keep_mask(za, alpha)
+    masked_slope = 0.0 if fill in ("keep", -INF) else fill
+    slope = torch.where(kept, steering_vector(za, zb), masked_slope)
+    target = labels != ignore_index
+    label = torch.where(target, labels, 0).unsqueeze(-1)
+    columns = []
+    for mu in mus.tolist():
+        z_hat = steer_logits(za, zb, mu, alpha, fill)
+        log_p = z_hat.log_softmax(-1)
+        p = log_p.exp()
+        mean = (p * slope).sum(-1)
+        loss = -log_p.gather(-1, label).squeeze(-1)
+        d_loss = mean - slope.gather(-1, label).squeeze(-1)
+        d2_loss = (p * (slope - mean.unsqueeze(-1)) ** 2).sum(-1)
+        ruled_out = loss == INF
+        columns.append((loss, torch.where(ruled_out, 0.0, d_loss), torch.where(ruled_out, 0.0, d2_loss)))
+    outs = [torch.stack([c[i] for c in columns], -1) if columns else za.new_zeros(za.shape[0], 0) for i in range(3)]
+    bad = _bad_rows(za, zb)
+    shape = (*z_adapted.shape[:-1], mus.numel())
+    return tuple(torch.where(target.unsqueeze(-1), torch.where(bad, float("nan"), o), 0.0).reshape(shape) for o in outs)

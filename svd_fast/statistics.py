@@ -1,9 +1,9 @@
-"""The statistics of the evaluation: bootstrap intervals, the paired test, and a benchmark cell's summary."""
+"""The project's statistics, in one place below the parts that use them: bootstrap intervals (of a mean, and
+of a ratio of sums), the paired test, and a benchmark cell's summary. Used by the calibration (the NLL gain's
+interval) and the evaluation harness. numpy only."""
 import math
 
 import numpy as np
-
-from .data import metric_names
 
 
 def bootstrap_ci(values, draws=2000, seed=0):
@@ -13,6 +13,20 @@ def bootstrap_ci(values, draws=2000, seed=0):
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), (draws, len(values)))].mean(1)
     return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+
+
+def bootstrap_ratio_ci(numerators, denominators, draws=2000, seed=0):
+    """95% percentile interval of sum(numerators) / sum(denominators) over units resampled with replacement
+    (e.g. per-question NLL sums over per-question token counts: a per-token figure, questions as the unit)."""
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    if len(num) == 0:
+        return [math.nan, math.nan]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(num), (draws, len(num)))
+    den_sums = den[picks].sum(1)
+    ratios = num[picks].sum(1) / np.where(den_sums > 0, den_sums, np.nan)
+    return [float(np.nanquantile(ratios, 0.025)), float(np.nanquantile(ratios, 0.975))]
 
 
 def paired_test(baseline, treated, draws=10000, seed=0):
@@ -27,10 +41,11 @@ def paired_test(baseline, treated, draws=10000, seed=0):
     return float(((np.abs((signs * diff).sum(1)) >= observed - 1e-12).sum() + 1) / (draws + 1))
 
 
-def summarise_cell(per_question, benchmark, baseline="adapter", treated="steered"):
-    """{metric: {variant: {"mean", "ci"}, "delta": {...}, "p": ...}} for one benchmark."""
+def summarise_cell(per_question, metrics, baseline="adapter", treated="steered"):
+    """{metric: {variant: {"mean", "ci"}, "delta": {...}, "p": ...}} for one benchmark's per-question
+    metrics ([{variant: {metric: value}}]) and the names of its metrics."""
     out = {}
-    for metric in metric_names(benchmark):
+    for metric in metrics:
         by_variant = {name: [q[name][metric] for q in per_question] for name in per_question[0]}
         entry = {name: {"mean": float(np.mean(v)), "ci": bootstrap_ci(v)} for name, v in by_variant.items()}
         if baseline in by_variant and treated in by_variant:
