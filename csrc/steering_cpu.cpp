@@ -133,34 +133,48 @@ KeptSums block_kept_sums(const float* __restrict a, const float* __restrict b, i
   return KeptSums{pa_dot_delta, delta_sq};
 }
 
-// steered_nll's statistics of a block holding kept tokens, for each of the K strengths: each token's line
-// (x0, slope) once, then per strength the block's max of z_hat and the sums about it, merged into acc[k].
+// steered_nll's statistics of a block holding kept tokens, for each of the K strengths. Its masked tokens
+// all lie on z_a + mu * fill.slope: one sum of exp(z_a) serves every strength. The kept tokens (few: within
+// log(1/alpha) of the top logit) are gathered with their delta, and only they are visited per strength.
 SVD_HD
 void block_nll(const float* __restrict a, const float* __restrict b, int64_t n, RowSummary r, NllFill fill,
                float label_slope, const float* __restrict mus, int64_t strengths, NllStats* __restrict acc) {
-  float x0[kBlock], slope[kBlock];
-#pragma omp simd
+  float masked_max = -kInf;
+#pragma omp simd reduction(max : masked_max)
+  for (int64_t i = 0; i < n; ++i) masked_max = max_ignoring_nan(masked_max, is_kept(a[i], r) ? -kInf : a[i]);
+  const float masked_ref = masked_max == -kInf ? 0.0f : masked_max;
+  float masked_sum = 0.0f;
+#pragma omp simd reduction(+ : masked_sum)
+  for (int64_t i = 0; i < n; ++i) masked_sum += is_kept(a[i], r) ? 0.0f : fast_exp(a[i] - masked_ref);
+  float kept_a[kBlock], kept_delta[kBlock];
+  int64_t kept = 0;
   for (int64_t i = 0; i < n; ++i) {
+    if (!is_kept(a[i], r)) continue;
     float p_a;
-    const float d = steering_delta(a[i], b[i], r, p_a);
-    nll_line(a[i], d, is_kept(a[i], r), fill, x0[i], slope[i]);
+    kept_a[kept] = a[i];
+    kept_delta[kept++] = steering_delta(a[i], b[i], r, p_a);
   }
+  const float t_masked = fill.slope - label_slope;
+  const bool masked_in = !fill.neg_inf && masked_sum > 0.0f;
   for (int64_t k = 0; k < strengths; ++k) {
     const float mu = mus[k];
     float max = -kInf;
 #pragma omp simd reduction(max : max)
-    for (int64_t i = 0; i < n; ++i) max = max_ignoring_nan(max, x0[i] + mu * slope[i]);
-    const float ref = max == -kInf ? 0.0f : max;
+    for (int64_t j = 0; j < kept; ++j) max = max_ignoring_nan(max, kept_a[j] + mu * kept_delta[j]);
+    const float ref = max == -kInf ? 0.0f : max;  // no kept token: nothing to add
     float sum = 0.0f, s1 = 0.0f, s2 = 0.0f;
 #pragma omp simd reduction(+ : sum, s1, s2)
-    for (int64_t i = 0; i < n; ++i) {
-      const float e = fast_exp(x0[i] + mu * slope[i] - ref);  // 0 where x0 = -inf
-      const float t = slope[i] - label_slope;
+    for (int64_t j = 0; j < kept; ++j) {
+      const float e = fast_exp(kept_a[j] + mu * kept_delta[j] - ref);
+      const float t = kept_delta[j] - label_slope;
       sum += e;
       s1 += e * t;
       s2 += e * t * t;
     }
     acc[k] = merge(acc[k], NllStats{max, sum, s1, s2});
+    if (masked_in)
+      acc[k] = merge(acc[k], NllStats{masked_max + mu * fill.slope, masked_sum, t_masked * masked_sum,
+                                      t_masked * t_masked * masked_sum});
   }
 }
 

@@ -222,7 +222,7 @@ __device__ __forceinline__ NllLabel row_label(const T* za, const T* zb, const in
   return nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), r, fill);
 }
 
-constexpr int kStrengthGroup = 4;  // strengths per block (grid z): each thread holds their sums in registers
+constexpr int kStrengthGroup = 8;  // strengths per block (grid z): each thread holds their sums in registers
 
 struct NllArgs {
   const RowStats* partial;
@@ -249,21 +249,31 @@ __global__ void __launch_bounds__(kThreads)
     mu[g] = first + g < args.strengths ? args.mus[first + g] : 0.0f;
     acc[g] = empty_nll_stats();
   }
+  // Masked tokens all lie on z_a + mu * fill.slope: one online sum of exp(z_a) serves every strength; only the
+  // kept tokens (few) are added per strength.
+  NllStats masked = empty_nll_stats();
   if (!r.bad && l.x0 > -kInf) {  // uniform over the block; otherwise the outputs need no sums
     for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t, const auto& a, const auto& b) {
       constexpr int N = sizeof(a) / sizeof(float);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
-        float p_a, x0, slope;
+        if (!is_kept(a[j], r)) {
+          if (!args.fill.neg_inf) add_token(masked, a[j], 0.0f);
+          continue;
+        }
+        float p_a;
         const float d = steering_delta(a[j], b[j], r, p_a);
-        nll_line(a[j], d, is_kept(a[j], r), args.fill, x0, slope);
 #pragma unroll
-        for (int g = 0; g < kStrengthGroup; ++g) add_token(acc[g], x0 + mu[g] * slope, slope - l.slope);
+        for (int g = 0; g < kStrengthGroup; ++g) add_token(acc[g], a[j] + mu[g] * d, d - l.slope);
       }
     });
   }
+  const float t_masked = args.fill.slope - l.slope;
 #pragma unroll
   for (int g = 0; g < kStrengthGroup; ++g) {
+    if (masked.sum > 0.0f)
+      acc[g] = merge(acc[g], NllStats{masked.max + mu[g] * args.fill.slope, masked.sum, t_masked * masked.sum,
+                                      t_masked * t_masked * masked.sum});
     const NllStats s = block_all_reduce(acc[g]);
     if (threadIdx.x == 0 && first + g < args.strengths)
       args.nll_partial[(row * gridDim.y + blockIdx.y) * args.strengths + first + g] = s;

@@ -107,7 +107,7 @@ def test_nll_strength_is_the_exact_minimiser(fill, method):
     loss, d_loss, d2_loss, _ = total([cal.mu_nll])
     assert cal.mu_bar == cal.mu_nll == cal.reductions["nll"] and cal.nll_refined and cal.nll_trace
     assert cal.nll_trace[-1]["mu"] == cal.mu_nll
-    assert abs(float(d_loss[0])) <= 1e-4 * float(d2_loss[0]) * (1 + abs(cal.mu_nll)) + 1e-6 * n
+    assert abs(float(d_loss[0])) <= 2e-4 * float(d2_loss[0]) * (1 + abs(cal.mu_nll)) + 1e-6 * n  # Newton's tolerance
     assert float(loss[0]) <= float(grid_loss.min()) + 1e-6 * n
     assert set(cal.reductions) == {"mean", "median", "trimmed", "ratio", "nll"}
     gain = cal.nll_gain  # the calibration NLL per token at 0 and at mu_bar, over the positions in L
@@ -168,7 +168,7 @@ def test_nll_search_finds_minimum_inside_and_beyond_the_grid(minimum):
         return torch.logsumexp(torch.stack([x, -x, torch.zeros_like(x)]), 0)
 
     search = _search_on(loss, list(NLL_GRID))
-    assert search.done and search.mu == pytest.approx(minimum, rel=1e-5, abs=1e-5)
+    assert search.done and abs(search.mu - minimum) <= 2e-4 * (1 + abs(minimum))  # Newton's tolerance
     if abs(minimum) < 64:
         assert len(search.trace) <= 5  # Newton from the grid's bracket
 

@@ -36,7 +36,7 @@ def test_opcheck(device):
 
 def test_native_extension_is_loaded():
     assert svd_fast.native_available(), "svd_fast._C did not load: the build failed or was skipped"
-    for op in ("steering_vector", "steer_logits_out", "token_mu"):
+    for op in ("steering_vector", "steer_logits_out", "token_mu", "steered_nll"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svd_fast::{op}", "CPU"), op
 
 
@@ -46,7 +46,7 @@ def test_cuda_kernels_compiled_when_the_build_had_nvcc():
     if os.environ.get("SVD_FAST_REQUIRE_CUDA_KERNELS") != "1":
         pytest.skip("set SVD_FAST_REQUIRE_CUDA_KERNELS=1 after a build with nvcc (CI does)")
     assert svd_fast.has_cuda_kernels()
-    for op in ("steering_vector", "steer_logits_out", "token_mu"):
+    for op in ("steering_vector", "steer_logits_out", "token_mu", "steered_nll"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svd_fast::{op}", "CUDA"), op
 
 
@@ -54,11 +54,13 @@ def test_cuda_kernels_compiled_when_the_build_had_nvcc():
 def test_ops_inside_torch_compile(backend_name):
     za, zb = random_logits((2, 3), 3000, torch.float32, seed=22)
     labels = torch.randint(0, 3000, (2, 3))
+    mus = torch.tensor([-1.0, 0.0, 2.0])
 
     def step(za, zb, labels):
         z_hat = svd_fast.steer_logits(za * 1.0, zb, 0.9, alpha=0.2, fill="keep")
         mu_star, valid = svd_fast.token_mu(za, zb, labels)
-        return z_hat.log_softmax(-1), svd_fast.steering_vector(za, zb), mu_star, valid
+        loss, d_loss, d2_loss = svd_fast.steered_nll(za, zb, labels, mus)
+        return z_hat.log_softmax(-1), svd_fast.steering_vector(za, zb), mu_star, valid, loss, d_loss, d2_loss
 
     torch._dynamo.reset()
     compiled = torch.compile(step, backend=backend_name, fullgraph=True)
