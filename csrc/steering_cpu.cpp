@@ -467,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
     for (int64_t row = 0; row < x.rows; ++row) {
       const RowSummary& r = summary[row];
       const int64_t y = label[row];
-      const bool target = y != ignore_index && y >= 0 && y < x.vocab;
+      const bool target = is_target(y, ignore_index, x.vocab);
       const float label_delta_k =
           target ? kept_delta(static_cast<float>(za[row * x.vocab + y]), static_cast<float>(zb[row * x.vocab + y]), r)
                  : 0.0f;
@@ -506,7 +506,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cpu(const at::Tensor&
     std::vector<NllLabel> labels_of(x.rows);
     for (int64_t row = 0; row < x.rows; ++row) {
       const int64_t y = label[row];
-      const bool target = y != ignore_index && y >= 0 && y < x.vocab;
+      const bool target = is_target(y, ignore_index, x.vocab);
       const int64_t at = row * x.vocab + (target ? y : 0);
       labels_of[row] = nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), pass1.summary[row], fill);
     }
@@ -519,10 +519,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cpu(const at::Tensor&
         k.nll(blk.a(), blk.b(), blk.n, pass1.summary[row], fill, l.slope, mu, strengths, acc);
         return;
       }
-      // No kept token: every token lies on z_a + mu * fill.slope, so the block's sum from pass 1 serves.
+      // No kept token: every token lies on z_a + mu * fill.slope, so the block's sum from pass 1 serves,
+      // unless pass 1 measured it from a maximum so far above the block's own that its terms underflowed:
+      // at a large mu * lambda those tokens may still dominate, so block_nll measures it from its own.
+      if (fill.neg_inf) return;
       const int64_t index = pass1.block_index(row, off, x.vocab);
+      if (pass1.block_max_a[index] < pass1.block_frame_a[index] - kMaxLead) {
+        k.nll(blk.a(), blk.b(), blk.n, pass1.summary[row], fill, l.slope, mu, strengths, acc);
+        return;
+      }
       const float sum = pass1.block_sum_a[index], t = fill.slope - l.slope;
-      if (fill.neg_inf || !(sum > 0.0f)) return;
+      if (!(sum > 0.0f)) return;
       for (int64_t j = 0; j < strengths; ++j)
         acc[j] = merge(acc[j], NllStats{pass1.block_frame_a[index] + mu[j] * fill.slope, sum, t * sum, t * t * sum});
     });

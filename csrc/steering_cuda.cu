@@ -206,7 +206,7 @@ __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels,
   }
   const RowSummary r = finalize(s, log_alpha);
   const int64_t y = labels[row];
-  const bool target = y != ignore_index && y >= 0 && y < vocab;
+  const bool target = is_target(y, ignore_index, vocab);
   const float label_delta_k =
       target ? kept_delta(static_cast<float>(za[row * vocab + y]), static_cast<float>(zb[row * vocab + y]), r) : 0.0f;
   write_token_mu(out, row, target, r.bad, label_delta_k, sums.x, sums.y, eps);
@@ -217,7 +217,7 @@ template <typename T>
 __device__ __forceinline__ NllLabel row_label(const T* za, const T* zb, const int64_t* labels, int64_t row,
                                               int64_t vocab, const RowSummary& r, NllFill fill, int64_t ignore_index) {
   const int64_t y = labels[row];
-  const bool target = y != ignore_index && y >= 0 && y < vocab;
+  const bool target = is_target(y, ignore_index, vocab);
   const int64_t at = row * vocab + (target ? y : 0);
   return nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), r, fill);
 }

@@ -182,6 +182,11 @@ SVD_HD float steered_logit(float a, float delta, bool kept, float mu, FillRule f
   return kept ? a + mu * delta : (fill.neg_inf ? -kInf : a + fill.add);
 }
 
+// Whether a row's label is a target: not ignore_index and a token id of the vocabulary.
+SVD_HD bool is_target(int64_t label, int64_t ignore_index, int64_t vocab) {
+  return label != ignore_index && label >= 0 && label < vocab;
+}
+
 // Where token_mu writes, one entry per row.
 struct TokenMuOutputs {
   float* mu_star;
@@ -289,7 +294,9 @@ SVD_HD void write_nll(const NllOutputs& out, int64_t index, const NllLabel& labe
   } else if (label.target && !(label.x0 > -kInf)) {
     loss = kInf;
   } else if (label.target) {
-    loss = (s.max - (label.x0 + mu * label.slope)) + logf(s.sum);
+    // >= 0 exactly (the label is one of the summed terms); rounding may take it a few ulp below
+    const float nll = (s.max - (label.x0 + mu * label.slope)) + logf(s.sum);
+    loss = nll > 0.0f ? nll : 0.0f;
     d_loss = s.s1 / s.sum;
     const float var = s.s2 / s.sum - d_loss * d_loss;
     d2_loss = var > 0.0f ? var : 0.0f;

@@ -151,7 +151,15 @@ def cmd_calibrate(args):
     print(f"mu_bar = {cal.mu_bar:.4f} ({cal.reduce} of {cal.n_tokens} positions, {cal.n_skipped} skipped; "
           f"mean {cal.mean:.4f}, median {cal.median:.4f}, std {cal.std:.4f}) -> {path}")
     print("strengths: " + ", ".join(f"{name} {value:+.4f}" for name, value in cal.reductions.items()))
+    print(nll_curve_line(cal))
     print(nll_gain_line(cal))
+
+
+def nll_curve_line(cal, span=2.0):
+    """The calibration NLL per token L(mu) / n on the grid strengths with |mu| <= span, in one line."""
+    curve = cal.nll_curve
+    points = [f"{mu:+g}: {loss:.4f}" for mu, loss in zip(curve.get("mu", []), curve.get("loss", [])) if abs(mu) <= span]
+    return f"calibration NLL per token at mu = {', '.join(points)} (mu_nll {cal.mu_nll:+.4f})"
 
 
 def nll_gain_line(cal):
@@ -312,6 +320,7 @@ def cmd_demo(args):
           f"(mu_bar = {cell['mu_bar']:+.3f}, the paper's mean)")
     peft_model, tokenizer, calibrations = evaluation.load_job(args.out, job, args.model)
     main = calibrations[evaluation.ALPHAS[0]]
+    print(f"  {nll_curve_line(main)}")
     print(f"  exact strength (the minimiser of the calibration NLL, alpha {main.alpha}): {nll_gain_line(main)}")
     # One question, decoded greedily by the adapter and with steering (the -inf mask acting).
     question = data.split(data.load_benchmark("arc_easy"), args.train, args.calib, args.test, args.seed).test[0]

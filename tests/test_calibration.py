@@ -1,5 +1,6 @@
 """calibrate() and warm_start() on tiny random models."""
 import json
+import math
 import os
 import socket
 import sys
@@ -129,6 +130,9 @@ def test_nll_grid_estimate_without_refinement():
     exact = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill="keep", progress=False)
     cal = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="mean", fill="keep", progress=False)
     assert not cal.nll_refined and not cal.nll_trace and cal.reductions["nll"] == cal.mu_nll
+    quick = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="mean", fill="keep", progress=False,
+                               measure_gain=False)  # no extra pass at the mean, so no gain
+    assert not quick.nll_gain and quick.mu_bar == cal.mu_bar and quick.nll_curve == cal.nll_curve
     z_a, z_b, labels = direct_positions(model, tok, EXAMPLES)
     at_mean = reference.steered_nll(z_a, z_b, labels, [cal.mu_bar], alpha=0.3, fill="keep")[0]
     assert cal.nll_gain["nll_at_mu"] == pytest.approx(float(at_mean.mean()), rel=1e-5)  # the extra pass at mu_bar
@@ -221,6 +225,9 @@ def test_calibration_errors():
     untrained = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["q_proj"])).eval()  # B = 0
     with pytest.raises(ValueError, match="all .* answer positions were skipped"):
         svd_fast.calibrate(untrained, tok, EXAMPLES, progress=False)
+    flat = svd_fast.calibrate(untrained, tok, EXAMPLES, reduce="nll", fill="keep", progress=False)  # L(mu) is flat
+    assert flat.mu_bar == flat.mu_nll == 0.0 and flat.n_tokens == 0 and math.isnan(flat.reductions["mean"])
+    assert flat.nll_gain["improvement"] == 0.0
 
 
 def _calibrate_on_rank(rank, world, port, out_dir):

@@ -48,6 +48,7 @@ def test_full_pipeline(workspace):
     config = json.loads(open(os.path.join(adapter, "steering_config.json")).read())
     assert "mu_bar = " in done.stdout and config["alpha"] == 0.3 and config["n_tokens"] > 0
     assert "steering can improve this adapter's answers by" in done.stdout and "strengths: mean" in done.stdout
+    assert "calibration NLL per token at mu = -2: " in done.stdout and ", +2: " in done.stdout
 
     exact_dir = str(workspace / "exact")
     done = run("calibrate", "--model", base, "--adapter", adapter, "--data", str(workspace / "calib.jsonl"),

@@ -188,3 +188,23 @@ def test_bad_input_raises_clear_error(kwargs, error, message, impl):
     args = {"labels": torch.tensor([0, 1]), "mus": [0.0, 1.0], **kwargs}
     with backend(impl), pytest.raises(error, match=message):
         svd_fast.steered_nll(za, zb, **args)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_masked_blocks_far_below_the_running_maximum(device):
+    """A block without kept tokens lying ~100 nats below the blocks before it: its exps from their maximum
+    underflow, yet under a finite fill and a large mu * lambda its tokens dominate the steered softmax."""
+    za = torch.full((2, 2048), -INF)
+    za[:, 0], za[:, 1] = 0.0, -1.0                 # block 0: the kept tokens
+    za[:, 1024:] = -120.0                          # block 1: masked, far below
+    za[0, 1500] = -95.0
+    za[1, 1024:2048] = torch.linspace(-130.0, -100.0, 1024)
+    zb = za.clone()
+    zb[:, :2] = torch.tensor([-1.0, 0.0])
+    labels = torch.tensor([1500, 2000])
+    za, zb, labels = za.to(device), zb.to(device), labels.to(device)
+    mus = [-300.0, -200.0, 0.0, 200.0, 300.0]
+    for fill in (1.0, -1.0, "keep"):
+        got = svd_fast.steered_nll(za, zb, labels, mus, 0.1, fill)
+        assert_steered_nll_matches_oracle(got, za, zb, labels, mus, 0.1, fill)
+        assert bool((got[0] >= 0).all())

@@ -175,18 +175,21 @@ def _gather(tensors):
 
 @torch.no_grad()
 def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", batch_size=8, max_length=512,
-              eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True):
+              eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True):
     """Per-position mu* over the answer tokens of `calib_examples`, reduced to mu_bar (SPEC 4).
 
     calib_examples: [{"prompt": str, "answer": str}, ...], disjoint from the warm-start data.
     reduce: "mean" (the paper's), "median", "trimmed", "ratio" (SPEC 4), or "nll": the exact minimiser of
     the steered NLL L(mu) of the answer tokens under this alpha and fill (module docstring; a grid pass,
     then one teacher-forced pass per Newton step). Every reducer's value is in `reductions`.
+    measure_gain: the NLL at mu_bar for nll_gain; unless mu_bar is the exact strength (or a grid point) that
+    costs one more teacher-forced pass, which measure_gain=False skips (nll_gain is then left empty).
     Returns a CalibrationResult (mu_bar, counts, mean, median, std, quantiles, histogram, the NLL curve on
-    the grid, mu_nll and its Newton trace, ...).
+    the grid, mu_nll and its Newton trace, nll_gain, ...). With reduce="nll" and ||delta_K||^2 < eps at
+    every position the first-order statistics are NaN (any other reducer raises ValueError then).
     """
     return calibrate_sweep(peft_model, tokenizer, calib_examples, [alpha], reduce, batch_size, max_length, eps, trim,
-                           fill, adapter_name, progress)[alpha]
+                           fill, adapter_name, progress, measure_gain)[alpha]
 
 
 class _NllSearch:
@@ -201,6 +204,7 @@ class _NllSearch:
         self.hi = min([mu for mu, d in zip(mus, d_loss) if d > 0], default=math.inf)
         best = min(range(len(mus)), key=lambda i: (loss[i], abs(mus[i])))  # a flat L gives 0
         self.mu, self.d, self.d2 = mus[best], d_loss[best], d2_loss[best]
+        self.best = (loss[best], mus[best])  # the lowest L evaluated so far, and where
         self.done = n == 0 or self.d == 0.0
 
     def candidate(self):
@@ -218,8 +222,14 @@ class _NllSearch:
                 return newton
         return 0.5 * (self.lo + self.hi)
 
+    def estimate(self):
+        """mu_nll without Newton passes: the candidate inside a closed bracket, else the best strength
+        evaluated (an outward step would be an extrapolation never evaluated)."""
+        return self.candidate() if math.isfinite(self.lo) and math.isfinite(self.hi) else self.best[1]
+
     def update(self, mu, loss, d_loss, d2_loss):
         self.trace.append({"mu": mu, "loss": loss / self.n, "d_loss": d_loss / self.n, "d2_loss": d2_loss / self.n})
+        self.best = min(self.best, (loss, mu))
         if d_loss < 0:
             self.lo = mu
         elif d_loss > 0:
@@ -227,7 +237,7 @@ class _NllSearch:
         self.mu, self.d, self.d2 = mu, d_loss, d2_loss
         tol = NEWTON_TOLERANCE * (1.0 + abs(mu))
         step = abs(d_loss / d2_loss) if d2_loss > 0 else math.inf
-        self.at_limit = abs(mu) >= MU_LIMIT and (mu > 0) == (d_loss < 0)  # L still falls outward
+        self.at_limit = abs(mu) >= MU_LIMIT and (d_loss < 0 if mu > 0 else d_loss > 0)  # L still falls outward
         self.done = d_loss == 0.0 or step <= tol or self.hi - self.lo <= tol or self.at_limit
 
 
@@ -271,7 +281,7 @@ class _NllTotals:
 
 @torch.no_grad()
 def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean", batch_size=8, max_length=512,
-                    eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True):
+                    eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True):
     """calibrate() for several confidence masks from the same teacher-forced passes: {alpha: CalibrationResult}."""
     examples = check_examples(calib_examples, "calib_examples")
     alphas = list(alphas)
@@ -321,6 +331,13 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
         n_targets = int(_gather([torch.tensor([n_targets])])[0].sum())
         if n_targets == 0:
             raise ValueError("the calibration examples have no answer tokens after tokenization (max_length too short?)")
+        empty = torch.zeros(0, dtype=torch.float64)
+        first_order = {alpha: _gather([torch.cat(kept) if kept else empty for kept in terms[alpha]]) for alpha in alphas}
+        for alpha, (mu_star, _, _) in first_order.items():
+            if mu_star.numel() == 0 and reduce != "nll":  # the exact strength needs no mu*
+                raise ValueError(f"all {n_targets} answer positions were skipped at alpha={alpha}: ||delta_K||^2 < "
+                                 f"eps={eps} everywhere, i.e. the adapted and base models agree on them (is the "
+                                 "adapter trained, or alpha too strict?)")
         # per alpha: {strength: (per-example loss sums, per-example tokens)} for the gain at the chosen strength
         evaluated = {alpha: {} for alpha in alphas}
         searches = {}
@@ -330,17 +347,9 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
             evaluated[alpha].update({mu: (example_loss[:, k], tokens) for k, mu in enumerate(NLL_GRID)})
         if reduce == "nll":
             _refine_nll(searches, evaluate, fill, evaluated)
-        results = {}
-        empty = torch.zeros(0, dtype=torch.float64)
-        for alpha in alphas:
-            mu_star, numerator, norm_sq = _gather([torch.cat(kept) if kept else empty for kept in terms[alpha]])
-            if mu_star.numel() == 0:
-                raise ValueError(f"all {n_targets} answer positions were skipped at alpha={alpha}: ||delta_K||^2 < "
-                                 f"eps={eps} everywhere, i.e. the adapted and base models agree on them (is the "
-                                 "adapter trained, or alpha too strict?)")
-            results[alpha] = _summarise(mu_star, numerator, norm_sq, n_targets, alpha, reduce, trim, eps, fill,
-                                        searches[alpha], refined=reduce == "nll")
-        _measure_gains(results, evaluated, evaluate)
+        results = {alpha: _summarise(*first_order[alpha], n_targets, alpha, reduce, trim, eps, fill, searches[alpha],
+                                     refined=reduce == "nll") for alpha in alphas}
+        _measure_gains(results, evaluated, evaluate if measure_gain else None)
     finally:
         peft_model.train(was_training)
     config = peft_model.peft_config[steered.adapter]
@@ -371,20 +380,25 @@ def _refine_nll(searches, evaluate, fill, evaluated):
         warnings.warn(f"mu_nll: the calibration NLL still falls at |mu| = {MU_LIMIT:g} for alpha {list(unbounded)} (its "
                       "infimum lies at infinity: steering that far pushes the kept tokens out); reporting "
                       f"{list(unbounded.values())}", RuntimeWarning, stacklevel=3)
-    unfinished = {alpha: search.mu for alpha, search in searches.items() if not search.done}
+    unfinished = [search for search in searches.values() if not search.done]
+    for search in unfinished:
+        search.mu = search.best[1]  # the lowest L evaluated, which the trace or the grid holds
     if unfinished:
-        warnings.warn(f"mu_nll: Newton steps did not converge in {NEWTON_MAX_STEPS} passes for alpha {list(unfinished)}; "
-                      f"reporting the last strengths {list(unfinished.values())}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"mu_nll: Newton steps did not converge in {NEWTON_MAX_STEPS} passes for alpha "
+                      f"{[a for a, s in searches.items() if not s.done]}; reporting the strengths with the lowest "
+                      f"NLL evaluated, {[s.mu for s in unfinished]}", RuntimeWarning, stacklevel=3)
 
 
 def _measure_gains(results, evaluated, evaluate):
     """Each result's nll_gain: the calibration NLL per token at mu = 0 and at its mu_bar, with a bootstrap
     interval of their difference over examples. A mu_bar that no pass evaluated costs one more pass (all
-    alphas together)."""
+    alphas together); without `evaluate` such a result gets no nll_gain."""
     chosen = {alpha: float(torch.tensor(r.mu_bar, dtype=torch.float32)) for alpha, r in results.items()
               if math.isfinite(r.mu_bar) and r.n_nll_tokens}
     missing = {alpha: [mu] for alpha, mu in chosen.items() if mu not in evaluated[alpha]}
-    if missing:
+    if missing and evaluate is None:
+        chosen = {alpha: mu for alpha, mu in chosen.items() if alpha not in missing}
+    elif missing:
         for alpha, (_, _, _, example_loss, tokens) in evaluate(missing, "NLL at mu_bar").items():
             evaluated[alpha][missing[alpha][0]] = (example_loss[:, 0], tokens)
     for alpha, mu in chosen.items():
@@ -393,13 +407,20 @@ def _measure_gains(results, evaluated, evaluate):
         total = float(tokens.sum())
         nll_zero, nll_mu = float(at_zero.sum()) / total, float(at_mu.sum()) / total
         lo, hi = bootstrap_ratio_ci((at_zero - at_mu).numpy(), tokens.numpy())
-        results[alpha].nll_gain = {"mu": results[alpha].mu_bar, "nll_at_zero": nll_zero, "nll_at_mu": nll_mu,
+        results[alpha].nll_gain = {"mu": mu, "nll_at_zero": nll_zero, "nll_at_mu": nll_mu,
                                    "improvement": nll_zero - nll_mu, "ci": [lo, hi], "n_examples": len(tokens)}
 
 
 def _summarise(mu_star, numerator, norm_sq, n_targets, alpha, reduce, trim, eps, fill, search, refined):
+    mu_nll = (search.mu if refined else search.estimate()) if search.n else math.nan
+    if mu_star.numel() == 0:  # reduce="nll" with ||delta_K||^2 < eps everywhere: no mu* to summarise
+        reductions = {**{name: math.nan for name in FIRST_ORDER_REDUCERS}, "nll": mu_nll}
+        return CalibrationResult(
+            mu_bar=mu_nll, reduce=reduce, alpha=alpha, fill=fill, n_tokens=0, n_skipped=n_targets, mean=math.nan,
+            median=math.nan, std=math.nan, quantiles={}, histogram={}, reductions=reductions, trim=trim,
+            mu_nll=mu_nll, nll_refined=refined, nll_curve=search.curve, nll_trace=search.trace,
+            n_nll_tokens=search.n, n_nll_excluded=search.excluded, values=mu_star)
     reductions = {name: reduce_mu(mu_star, numerator, norm_sq, name, trim, eps) for name in FIRST_ORDER_REDUCERS}
-    mu_nll = (search.mu if refined else search.candidate()) if search.n else math.nan
     reductions["nll"] = mu_nll
     low, high = torch.quantile(mu_star, torch.tensor([0.01, 0.99], dtype=torch.float64)).tolist()
     if high <= low:

@@ -336,12 +336,15 @@ def _strengths(mus, z_adapted):
                             f"of shape {tuple(mus.shape)}")
         if mus.device != z_adapted.device:
             raise ValueError(f"mus is on {mus.device} but the logits are on {z_adapted.device}")
-        if mus.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(mus).all()):
-            raise ValueError("mus must be finite: the tensor holds NaN or inf")
-        return mus.reshape(-1).to(torch.float32).contiguous()
-    if isinstance(mus, (str, bytes)) or not hasattr(mus, "__iter__"):
+        strengths = mus.reshape(-1).to(torch.float32).contiguous()
+    elif isinstance(mus, (str, bytes)) or not hasattr(mus, "__iter__"):
         raise TypeError(f"mus must be a 1-D tensor or a list of floats, got {type(mus).__name__}")
-    return torch.tensor([_check_mu_value(mu) for mu in mus], dtype=torch.float32, device=z_adapted.device)
+    else:
+        strengths = torch.tensor([_check_mu_value(mu) for mu in mus], dtype=torch.float32)
+    # checked as float32 (1e39 is finite as a float64 only); not on a GPU, where it would need a host sync
+    if strengths.device.type == "cpu" and _checking_values() and not bool(torch.isfinite(strengths).all()):
+        raise ValueError("mus must be finite float32 values: NaN, inf or beyond +-3.4e38 found")
+    return strengths.to(z_adapted.device)
 
 
 def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill="keep", ignore_index=-100):

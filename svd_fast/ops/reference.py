@@ -91,7 +91,7 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100)
     return tuple(t.reshape(shape) for t in (mu_star, valid, numerator, norm_sq))
 
 
-def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill=-INF, ignore_index=-100):
+def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill="keep", ignore_index=-100):
     """NLL of each label under z_hat(mu) and its first two derivatives in mu, for every strength mu_k.
 
     z_hat(mu) = z_a + mu * s with slope s = delta on the keep set, fill's slope elsewhere (0 for "keep",
