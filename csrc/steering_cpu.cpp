@@ -301,14 +301,16 @@ struct Block {
   const float* b() const { return load_block(k, zb, n, buf_b, copy); }
 };
 
-// Runs fn(task, row, Block) over the blocks of every chunk of the plan, in parallel.
+// Runs fn(task, row, off, Block) over the blocks of every chunk of the plan, in parallel; off is the block's
+// offset in a contiguous [rows, vocab] output (the inputs are read where their rows lie).
 template <typename T, typename Fn>
-void for_each_block(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+void for_each_block(const BlockKernels& k, const RowPointers<T>& p, int64_t rows, int64_t vocab,
                     const SplitPlan& plan, bool copy, Fn&& fn) {
   for_each_chunk(rows, vocab, plan, [&](int64_t task, int64_t row, int64_t lo, int64_t hi) {
     float buf_a[kBlock], buf_b[kBlock];
-    for (int64_t off = row * vocab + lo; off < row * vocab + hi; off += kBlock) {
-      fn(task, row, off, Block<T>{k, za + off, zb + off, std::min(kBlock, row * vocab + hi - off), buf_a, buf_b, copy});
+    const T *a = p.a(row), *b = p.b(row);
+    for (int64_t i = lo; i < hi; i += kBlock) {
+      fn(task, row, row * vocab + i, Block<T>{k, a + i, b + i, std::min(kBlock, hi - i), buf_a, buf_b, copy});
     }
   });
 }
@@ -335,7 +337,7 @@ struct Pass1 {
 // write_unkept(row, a, n, out_offset) may write its output now, while the block is in L1, and pass 2
 // skips it (a no-op write_unkept returns false).
 template <typename T, typename WriteUnkept>
-Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+Pass1 row_summaries(const BlockKernels& k, const RowPointers<T>& p, int64_t rows, int64_t vocab,
                     const SplitPlan& plan, float log_alpha, bool copy, WriteUnkept&& write_unkept) {
   Pass1 result{std::vector<RowSummary>(rows), {}, {}, ceil_div(vocab, kBlock)};
   result.block_max_a.resize(rows * result.blocks_per_row);
@@ -343,7 +345,7 @@ Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t row
   result.block_frame_a.resize(rows * result.blocks_per_row);
   result.block_sum_a.resize(rows * result.blocks_per_row);
   std::vector<RowStats> partial(rows * plan.splits, empty_stats());
-  for_each_block(k, za, zb, rows, vocab, plan, copy, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+  for_each_block(k, p, rows, vocab, plan, copy, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
     const float* a = blk.a();
     const BlockStats s = k.stats(a, blk.b(), blk.n, partial[task]);
     const int64_t index = result.block_index(row, off, vocab);
@@ -362,9 +364,9 @@ Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t row
 }
 
 template <typename T>
-Pass1 row_summaries(const BlockKernels& k, const T* za, const T* zb, int64_t rows, int64_t vocab,
+Pass1 row_summaries(const BlockKernels& k, const RowPointers<T>& p, int64_t rows, int64_t vocab,
                     const SplitPlan& plan, float log_alpha) {
-  return row_summaries(k, za, zb, rows, vocab, plan, log_alpha, false,
+  return row_summaries(k, p, rows, vocab, plan, log_alpha, false,
                        [](int64_t, const float*, int64_t, int64_t) { return false; });
 }
 
@@ -382,14 +384,13 @@ void write_rows(const LogitRows& x, float log_alpha, float* out, WriteUnkept&& w
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
-    const bool out_aliases_input = static_cast<const void*>(out) == static_cast<const void*>(za) ||
-                                   static_cast<const void*>(out) == static_cast<const void*>(zb);
+    const RowPointers<T> p = x.pointers<T>();
+    const bool out_aliases_input = static_cast<const void*>(out) == static_cast<const void*>(p.za) ||
+                                   static_cast<const void*>(out) == static_cast<const void*>(p.zb);
     const Pass1 pass1 = row_summaries(
-        k, za, zb, x.rows, x.vocab, plan, log_alpha, out_aliases_input,
+        k, p, x.rows, x.vocab, plan, log_alpha, out_aliases_input,
         [&](int64_t row, const float* a, int64_t n, int64_t off) { return write_unkept(k, row, a, n, out + off); });
-    for_each_block(k, za, zb, x.rows, x.vocab, plan, out_aliases_input,
+    for_each_block(k, p, x.rows, x.vocab, plan, out_aliases_input,
                    [&](int64_t, int64_t row, int64_t off, const Block<T>& blk) {
                      const RowSummary& r = pass1.summary[row];
                      if (r.bad) {
@@ -453,12 +454,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
-    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
+    const RowPointers<T> p = x.pointers<T>();
+    const Pass1 pass1 = row_summaries(k, p, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
     const auto& summary = pass1.summary;
     std::vector<KeptSums> partial(x.rows * plan.splits, KeptSums{0.0f, 0.0f});
-    for_each_block(k, za, zb, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+    for_each_block(k, p, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
       if (!pass1.any_kept(row, off, x.vocab)) return;
       const KeptSums block = k.kept_sums(blk.a(), blk.b(), blk.n, summary[row]);
       partial[task].pa_dot_delta += block.pa_dot_delta;
@@ -467,16 +467,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
     for (int64_t row = 0; row < x.rows; ++row) {
       const RowSummary& r = summary[row];
       const int64_t y = label[row];
-      const bool target = is_target(y, ignore_index, x.vocab);
+      const bool target = is_target(y, ignore_index, x.vocab), out_of_range = label_out_of_range(y, ignore_index, x.vocab);
       const float label_delta_k =
-          target ? kept_delta(static_cast<float>(za[row * x.vocab + y]), static_cast<float>(zb[row * x.vocab + y]), r)
-                 : 0.0f;
+          target ? kept_delta(static_cast<float>(p.a(row)[y]), static_cast<float>(p.b(row)[y]), r) : 0.0f;
       KeptSums s{0.0f, 0.0f};
       for (int64_t split = 0; split < plan.splits; ++split) {
         s.pa_dot_delta += partial[row * plan.splits + split].pa_dot_delta;
         s.delta_sq += partial[row * plan.splits + split].delta_sq;
       }
-      write_token_mu(out, row, target, r.bad, label_delta_k, s.pa_dot_delta, s.delta_sq, static_cast<float>(eps));
+      write_token_mu(out, row, target || out_of_range, r.bad || out_of_range, label_delta_k, s.pa_dot_delta,
+                     s.delta_sq, static_cast<float>(eps));
     }
   });
   return result.tuple();
@@ -500,18 +500,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cpu(const at::Tensor&
   const SplitPlan plan = cpu_plan(x.rows, x.vocab);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
-    const Pass1 pass1 = row_summaries(k, za, zb, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
+    const RowPointers<T> p = x.pointers<T>();
+    const Pass1 pass1 = row_summaries(k, p, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
     std::vector<NllLabel> labels_of(x.rows);
     for (int64_t row = 0; row < x.rows; ++row) {
       const int64_t y = label[row];
       const bool target = is_target(y, ignore_index, x.vocab);
-      const int64_t at = row * x.vocab + (target ? y : 0);
-      labels_of[row] = nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), pass1.summary[row], fill);
+      const int64_t at = target ? y : 0;
+      labels_of[row] = nll_label(target, label_out_of_range(y, ignore_index, x.vocab), static_cast<float>(p.a(row)[at]),
+                                 static_cast<float>(p.b(row)[at]), pass1.summary[row], fill);
     }
     std::vector<NllStats> partial(x.rows * plan.splits * strengths, empty_nll_stats());
-    for_each_block(k, za, zb, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
+    for_each_block(k, p, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
       const NllLabel& l = labels_of[row];
       if (pass1.summary[row].bad || !(l.x0 > -kInf)) return;  // the outputs need no sums (ignored rows: x0 = -inf)
       NllStats* acc = &partial[task * strengths];
@@ -553,7 +553,7 @@ at::Tensor exp_throughput_bound_cpu(const at::Tensor& z_adapted, const at::Tenso
   std::vector<float> partial(x.rows * plan.splits, 0.0f);
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    for_each_block(k, x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), x.rows, x.vocab, plan, false,
+    for_each_block(k, x.pointers<T>(), x.rows, x.vocab, plan, false,
                    [&](int64_t task, int64_t, int64_t, const Block<T>& blk) {
                      partial[task] += k.exp_sum(blk.a(), blk.b(), blk.n);
                    });

@@ -102,12 +102,12 @@ __device__ __forceinline__ void accumulate(RowStats& s, const float (&a)[N], con
 // Calls fn(index, a[N], b[N]) over this block's chunk of the row, N-wide when `vectorized`
 // (16-byte aligned rows, chunk a multiple of N), one at a time otherwise.
 template <typename T, typename Fn>
-__device__ __forceinline__ void for_each_in_chunk(const T* za, const T* zb, int64_t vocab, int64_t chunk,
+__device__ __forceinline__ void for_each_in_chunk(const RowPointers<T>& p, int64_t vocab, int64_t chunk,
                                                   bool vectorized, Fn&& fn) {
   const int64_t row = blockIdx.x;
   const int64_t lo = blockIdx.y * chunk, hi = min(vocab, lo + chunk);
-  const T* a = za + row * vocab;
-  const T* b = zb + row * vocab;
+  const T* a = p.a(row);
+  const T* b = p.b(row);
   constexpr int N = Pack<T>::kSize;
   if (vectorized) {
     for (int64_t i = lo + threadIdx.x * N; i < hi; i += kThreads * N) {
@@ -126,10 +126,10 @@ __device__ __forceinline__ void for_each_in_chunk(const T* za, const T* zb, int6
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    row_stats_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized,
+    row_stats_kernel(RowPointers<T> p, int64_t vocab, int64_t chunk, bool vectorized,
                      RowStats* partial) {
   RowStats s = empty_stats();
-  for_each_in_chunk(za, zb, vocab, chunk, vectorized,
+  for_each_in_chunk(p, vocab, chunk, vectorized,
                     [&](int64_t, const auto& a, const auto& b) { accumulate(s, a, b); });
   s = block_all_reduce(s);
   if (threadIdx.x == 0) partial[blockIdx.x * gridDim.y + blockIdx.y] = s;
@@ -155,14 +155,14 @@ struct OutputArgs {
 
 template <typename T, Output kind>
 __global__ void __launch_bounds__(kThreads)
-    output_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized, OutputArgs args) {
+    output_kernel(RowPointers<T> p, int64_t vocab, int64_t chunk, bool vectorized, OutputArgs args) {
   const RowSummary r = row_summary(args.partial, gridDim.y, args.log_alpha);
   const int64_t row = blockIdx.x;
   float* out = kind == Output::kKeptSums ? nullptr : args.out + row * vocab;
   const float mu = args.mu_rows ? args.mu_rows[row] : args.mu;
   const FillRule fill = fill_rule(args.fill_mode, mu, args.fill_value);
   float2 sums = make_float2(0.0f, 0.0f);
-  for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t i, const auto& a, const auto& b) {
+  for_each_in_chunk(p, vocab, chunk, vectorized, [&](int64_t i, const auto& a, const auto& b) {
     constexpr int N = sizeof(a) / sizeof(float);
     [[maybe_unused]] float o[N];
 #pragma unroll
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels, int64_t rows, int64_t vocab,
+__global__ void token_mu_kernel(RowPointers<T> p, const int64_t* labels, int64_t rows, int64_t vocab,
                                 int64_t splits, const RowStats* partial, const float2* kept_sums,
                                 float log_alpha, float eps, int64_t ignore_index, TokenMuOutputs out) {
   const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -206,20 +206,21 @@ __global__ void token_mu_kernel(const T* za, const T* zb, const int64_t* labels,
   }
   const RowSummary r = finalize(s, log_alpha);
   const int64_t y = labels[row];
-  const bool target = is_target(y, ignore_index, vocab);
+  const bool target = is_target(y, ignore_index, vocab), out_of_range = label_out_of_range(y, ignore_index, vocab);
   const float label_delta_k =
-      target ? kept_delta(static_cast<float>(za[row * vocab + y]), static_cast<float>(zb[row * vocab + y]), r) : 0.0f;
-  write_token_mu(out, row, target, r.bad, label_delta_k, sums.x, sums.y, eps);
+      target ? kept_delta(static_cast<float>(p.a(row)[y]), static_cast<float>(p.b(row)[y]), r) : 0.0f;
+  write_token_mu(out, row, target || out_of_range, r.bad || out_of_range, label_delta_k, sums.x, sums.y, eps);
 }
 
 // steered_nll: the label's line, the same in every block of a row.
 template <typename T>
-__device__ __forceinline__ NllLabel row_label(const T* za, const T* zb, const int64_t* labels, int64_t row,
+__device__ __forceinline__ NllLabel row_label(const RowPointers<T>& p, const int64_t* labels, int64_t row,
                                               int64_t vocab, const RowSummary& r, NllFill fill, int64_t ignore_index) {
   const int64_t y = labels[row];
   const bool target = is_target(y, ignore_index, vocab);
-  const int64_t at = row * vocab + (target ? y : 0);
-  return nll_label(target, static_cast<float>(za[at]), static_cast<float>(zb[at]), r, fill);
+  const int64_t at = target ? y : 0;
+  return nll_label(target, label_out_of_range(y, ignore_index, vocab), static_cast<float>(p.a(row)[at]),
+                   static_cast<float>(p.b(row)[at]), r, fill);
 }
 
 constexpr int kStrengthGroup = 8;  // strengths per block (grid z): each thread holds their sums in registers
@@ -237,10 +238,10 @@ struct NllArgs {
 // Grid (rows, splits, strength groups): each block's NllStats over its chunk, one per strength of its group.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    nll_kernel(const T* za, const T* zb, int64_t vocab, int64_t chunk, bool vectorized, NllArgs args) {
+    nll_kernel(RowPointers<T> p, int64_t vocab, int64_t chunk, bool vectorized, NllArgs args) {
   const RowSummary r = row_summary(args.partial, gridDim.y, args.log_alpha);
   const int64_t row = blockIdx.x;
-  const NllLabel l = row_label(za, zb, args.labels, row, vocab, r, args.fill, args.ignore_index);
+  const NllLabel l = row_label(p, args.labels, row, vocab, r, args.fill, args.ignore_index);
   const int64_t first = static_cast<int64_t>(blockIdx.z) * kStrengthGroup;
   float mu[kStrengthGroup];
   NllStats acc[kStrengthGroup];
@@ -253,7 +254,7 @@ __global__ void __launch_bounds__(kThreads)
   // kept tokens (few) are added per strength.
   NllStats masked = empty_nll_stats();
   if (!r.bad && l.x0 > -kInf) {  // uniform over the block; otherwise the outputs need no sums
-    for_each_in_chunk(za, zb, vocab, chunk, vectorized, [&](int64_t, const auto& a, const auto& b) {
+    for_each_in_chunk(p, vocab, chunk, vectorized, [&](int64_t, const auto& a, const auto& b) {
       constexpr int N = sizeof(a) / sizeof(float);
 #pragma unroll
       for (int j = 0; j < N; ++j) {
@@ -282,7 +283,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One thread per (row, strength): merges the chunks' stats and writes the three outputs.
 template <typename T>
-__global__ void nll_output_kernel(const T* za, const T* zb, int64_t rows, int64_t vocab, int64_t splits, NllArgs args,
+__global__ void nll_output_kernel(RowPointers<T> p, int64_t rows, int64_t vocab, int64_t splits, NllArgs args,
                                   NllOutputs out) {
   const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (index >= rows * args.strengths) return;
@@ -294,7 +295,7 @@ __global__ void nll_output_kernel(const T* za, const T* zb, int64_t rows, int64_
     s = merge(s, args.nll_partial[(row * splits + split) * args.strengths + j]);
   }
   const RowSummary r = finalize(stats, args.log_alpha);
-  write_nll(out, index, row_label(za, zb, args.labels, row, vocab, r, args.fill, args.ignore_index), r.bad,
+  write_nll(out, index, row_label(p, args.labels, row, vocab, r, args.fill, args.ignore_index), r.bad,
             args.mus[j], s);
 }
 
@@ -318,10 +319,12 @@ struct Launched {
 template <typename T>
 Launched launch_row_stats(const LogitRows& x, const float* out) {
   constexpr int N = Pack<T>::kSize;
-  const T* za = x.z_a.const_data_ptr<T>();
-  const T* zb = x.z_b.const_data_ptr<T>();
+  const RowPointers<T> p = x.pointers<T>();
   Launched result;
-  result.vectorized = x.vocab % N == 0 && aligned16(za) && aligned16(zb) && (out == nullptr || aligned16(out));
+  // every row of both inputs (and of the output) must start 16-byte aligned
+  const auto aligned_rows = [](const RowLayout& l) { return l.outer_stride % N == 0 && l.inner_stride % N == 0; };
+  result.vectorized = x.vocab % N == 0 && aligned16(p.za) && aligned16(p.zb) && aligned_rows(x.la) &&
+                      aligned_rows(x.lb) && (out == nullptr || aligned16(out));
   const int64_t sms = multiprocessor_count(x.z_a.device().index());
   result.plan = plan_splits(x.rows, x.vocab, 2 * sms, kMinChunk, result.vectorized ? N : 1);
   TORCH_CHECK(result.plan.splits <= 65535, "svd_fast: vocabulary too large for one CUDA grid");
@@ -329,7 +332,7 @@ Launched launch_row_stats(const LogitRows& x, const float* out) {
   result.partial = at::empty({x.rows, result.plan.splits, static_cast<int64_t>(sizeof(RowStats) / 4)},
                              x.z_a.options().dtype(at::kFloat));
   row_stats_kernel<T><<<result.grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      za, zb, x.vocab, result.plan.chunk, result.vectorized, reinterpret_cast<RowStats*>(result.partial.data_ptr<float>()));
+      p, x.vocab, result.plan.chunk, result.vectorized, reinterpret_cast<RowStats*>(result.partial.data_ptr<float>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return result;
 }
@@ -347,7 +350,7 @@ Launched launch(const LogitRows& x, OutputArgs args) {
       args.kept_sums = reinterpret_cast<float2*>(result.kept_sums.data_ptr<float>());
     }
     output_kernel<T, kind><<<result.grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), x.vocab, result.plan.chunk, result.vectorized, args);
+        x.pointers<T>(), x.vocab, result.plan.chunk, result.vectorized, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result;
@@ -399,7 +402,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cuda(const a
     const int threads = 128;
     token_mu_kernel<T><<<static_cast<unsigned>(ceil_div(x.rows, threads)), threads, 0,
                          c10::cuda::getCurrentCUDAStream()>>>(
-        x.z_a.const_data_ptr<T>(), x.z_b.const_data_ptr<T>(), labels_c.const_data_ptr<int64_t>(), x.rows,
+        x.pointers<T>(), labels_c.const_data_ptr<int64_t>(), x.rows,
         x.vocab, pass.plan.splits, pass.stats(),
         reinterpret_cast<const float2*>(pass.kept_sums.const_data_ptr<float>()), static_cast<float>(log_alpha),
         static_cast<float>(eps), ignore_index, result.pointers());
@@ -431,18 +434,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cuda(const at::Tensor
   TORCH_CHECK(groups <= 65535, "svd_fast: too many strengths for one CUDA grid");
   dispatch_logit_dtype(x.z_a.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const T* za = x.z_a.const_data_ptr<T>();
-    const T* zb = x.z_b.const_data_ptr<T>();
+    const RowPointers<T> p = x.pointers<T>();
     const Launched pass = launch_row_stats<T>(x, nullptr);
     args.partial = pass.stats();
     const at::Tensor nll_partial = at::empty({x.rows, pass.plan.splits, args.strengths, 4}, x.z_a.options().dtype(at::kFloat));
     args.nll_partial = reinterpret_cast<NllStats*>(nll_partial.data_ptr<float>());
     const dim3 grid(pass.grid.x, pass.grid.y, static_cast<unsigned>(groups));
-    nll_kernel<T><<<grid, kThreads, 0, stream>>>(za, zb, x.vocab, pass.plan.chunk, pass.vectorized, args);
+    nll_kernel<T><<<grid, kThreads, 0, stream>>>(p, x.vocab, pass.plan.chunk, pass.vectorized, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int threads = 128;
     nll_output_kernel<T><<<static_cast<unsigned>(ceil_div(x.rows * args.strengths, threads)), threads, 0, stream>>>(
-        za, zb, x.rows, x.vocab, pass.plan.splits, args, result.pointers());
+        p, x.rows, x.vocab, pass.plan.splits, args, result.pointers());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return result.tuple();

@@ -1,5 +1,6 @@
 // Host-side helpers shared by the CPU and CUDA implementations: argument checks for direct callers of
-// the ops (the Python wrapper checks first, with friendlier messages), flattening to [rows, V], and the
+// the ops (the Python wrapper checks first, with friendlier messages), the inputs' rows (read in place when
+// their strides allow: RowLayout), and the
 // plan that splits each row's vocabulary into chunks when there are too few rows to fill the machine.
 #pragma once
 
@@ -14,9 +15,44 @@
 namespace svd_fast {
 
 struct LogitRows {
-  at::Tensor z_a, z_b;  // contiguous [rows, vocab]
+  at::Tensor z_a, z_b;  // as given, or contiguous copies where their leading strides do not collapse to two
+  RowLayout la, lb;
   int64_t rows, vocab;
+  template <typename T>
+  RowPointers<T> pointers() const {
+    return {z_a.const_data_ptr<T>(), z_b.const_data_ptr<T>(), la, lb};
+  }
 };
+
+// t's rows as a RowLayout, when its last dim is contiguous and its leading dims (size-1 ones aside) merge
+// into at most two strides; false otherwise (then the caller reads a contiguous copy).
+inline bool row_layout(const at::Tensor& t, RowLayout& layout) {
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  int64_t sizes[2], strides[2], groups = 0;  // outermost group first
+  for (int64_t d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) == 1) continue;
+    if (groups > 0 && strides[groups - 1] == t.stride(d) * t.size(d)) {
+      sizes[groups - 1] *= t.size(d);
+      strides[groups - 1] = t.stride(d);
+    } else if (groups == 2) {
+      return false;
+    } else {
+      sizes[groups] = t.size(d);
+      strides[groups++] = t.stride(d);
+    }
+  }
+  if (groups == 0) layout = RowLayout{1, 0, 0};
+  if (groups == 1) layout = RowLayout{sizes[0], 0, strides[0]};
+  if (groups == 2) layout = RowLayout{sizes[1], strides[0], strides[1]};
+  return true;
+}
+
+inline at::Tensor rows_in_place(const at::Tensor& t, RowLayout& layout) {
+  if (row_layout(t, layout)) return t;
+  at::Tensor copy = t.contiguous();
+  row_layout(copy, layout);
+  return copy;
+}
 
 inline LogitRows flatten_logits(const at::Tensor& z_a, const at::Tensor& z_b) {
   TORCH_CHECK(z_a.sizes() == z_b.sizes(), "svd_fast: z_adapted and z_base must have the same shape, got ",
@@ -29,8 +65,12 @@ inline LogitRows flatten_logits(const at::Tensor& z_a, const at::Tensor& z_b) {
   TORCH_CHECK(z_a.device() == z_b.device(), "svd_fast: z_adapted and z_base are on different devices");
   TORCH_CHECK(z_a.dim() >= 1 && z_a.size(-1) >= 1, "svd_fast: logits need a non-empty last (vocabulary) dim");
   const int64_t vocab = z_a.size(-1);
-  const int64_t rows = z_a.numel() / vocab;
-  return {z_a.contiguous().view({rows, vocab}), z_b.contiguous().view({rows, vocab}), rows, vocab};
+  LogitRows x;
+  x.z_a = rows_in_place(z_a, x.la);
+  x.z_b = rows_in_place(z_b, x.lb);
+  x.rows = z_a.numel() / vocab;
+  x.vocab = vocab;
+  return x;
 }
 
 inline void check_steer_args(const LogitRows& x, const c10::optional<at::Tensor>& mu_rows,

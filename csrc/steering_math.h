@@ -26,6 +26,23 @@ namespace svd_fast {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// Where row r of a [..., V] logits tensor starts, in elements, the rows numbered over its leading dims in
+// order: leading dims that collapse into two strides (an outer and an inner one) are read in place, so
+// that logits[:, -1] of [B, T, V] or calibration's z[:, :-1] need no copy.
+struct RowLayout {
+  int64_t inner, outer_stride, inner_stride;  // rows per outer step; the two strides in elements
+  SVD_HD int64_t offset(int64_t row) const { return (row / inner) * outer_stride + (row % inner) * inner_stride; }
+};
+
+// Both inputs' rows: pointers and layouts (the two may differ).
+template <typename T>
+struct RowPointers {
+  const T *za, *zb;
+  RowLayout la, lb;
+  SVD_HD const T* a(int64_t row) const { return za + la.offset(row); }
+  SVD_HD const T* b(int64_t row) const { return zb + lb.offset(row); }
+};
+
 // How masked (not kept) tokens are written by steer_logits.
 enum FillMode : int64_t {
   kFillNegInf = 0,  // -inf, whatever the sign of mu (svd_fast default)
@@ -187,6 +204,12 @@ SVD_HD bool is_target(int64_t label, int64_t ignore_index, int64_t vocab) {
   return label != ignore_index && label >= 0 && label < vocab;
 }
 
+// A label that is neither ignore_index nor a token id. The Python wrapper rejects it on the CPU; on a GPU
+// checking would need a host sync, so the kernels give its row NaN outputs instead.
+SVD_HD bool label_out_of_range(int64_t label, int64_t ignore_index, int64_t vocab) {
+  return label != ignore_index && (label < 0 || label >= vocab);
+}
+
 // Where token_mu writes, one entry per row.
 struct TokenMuOutputs {
   float* mu_star;
@@ -270,14 +293,15 @@ struct NllOutputs {
   float* d2_loss;
 };
 
-// What a row's label contributes: its line (x0, slope) and whether it is a target at all.
+// What a row's label contributes: its line (x0, slope), whether it is a target at all, and whether it is
+// out of range (outputs NaN).
 struct NllLabel {
-  bool target;
+  bool target, out_of_range;
   float x0, slope;
 };
 
-SVD_HD NllLabel nll_label(bool target, float a, float b, const RowSummary& r, NllFill fill) {
-  NllLabel l{target, -kInf, 0.0f};
+SVD_HD NllLabel nll_label(bool target, bool out_of_range, float a, float b, const RowSummary& r, NllFill fill) {
+  NllLabel l{target || out_of_range, out_of_range, -kInf, 0.0f};
   if (!target || r.bad) return l;
   float p_a;
   const float d = steering_delta(a, b, r, p_a);
@@ -289,7 +313,7 @@ SVD_HD NllLabel nll_label(bool target, float a, float b, const RowSummary& r, Nl
 SVD_HD void write_nll(const NllOutputs& out, int64_t index, const NllLabel& label, bool bad, float mu,
                       const NllStats& s) {
   float loss = 0.0f, d_loss = 0.0f, d2_loss = 0.0f;
-  if (label.target && bad) {
+  if (label.target && (bad || label.out_of_range)) {
     loss = d_loss = d2_loss = kNaN;
   } else if (label.target && !(label.x0 > -kInf)) {
     loss = kInf;

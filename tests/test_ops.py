@@ -406,3 +406,62 @@ def test_bad_input_raises_clear_error(call, error, message, impl):
 def test_set_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         svd_fast.set_backend("fastest")
+
+
+def _strided_views(z):
+    """Views of a [3, 5, V] tensor as the decode loop and calibration take them, and one that needs a copy."""
+    return {
+        "last position": z[:, -1],                     # one leading stride, T * V
+        "all but the last": z[:, :-1],                 # two leading strides
+        "transposed": z.transpose(0, 1),               # [5, 3, V], strides (V, 5 V)
+        "every other row": z[::2, 1:4],                # strides (10 V, V)
+        "three strides (copied)": z.unsqueeze(0).expand(2, -1, -1, -1)[:, ::2, ::2],
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_rows_are_read_in_place(dtype, device):
+    """Rows of non-contiguous inputs (a last dim of stride 1 and leading dims that merge into two strides) are
+    read where they lie: the same results as on contiguous copies (bitwise on the CPU), and on the CPU no
+    copy of the input is made."""
+    za, zb = random_logits((3, 5), 3001, dtype, device, seed=31)
+    exact = device == "cpu"
+    for name, (a, b) in {k: (v, _strided_views(zb)[k]) for k, v in _strided_views(za).items()}.items():
+        labels = torch.randint(0, 3001, a.shape[:-1], generator=torch.Generator().manual_seed(1)).to(device)
+        calls = {
+            "steering_vector": lambda a, b: (svd_fast.steering_vector(a, b),),
+            "steer_logits": lambda a, b: (svd_fast.steer_logits(a, b, 0.8, fill="keep"),),
+            "token_mu": lambda a, b: svd_fast.token_mu(a, b, labels, return_terms=True),
+            "steered_nll": lambda a, b: svd_fast.steered_nll(a, b, labels, [-2.0, 0.5]),
+        }
+        for op, call in calls.items():
+            got, want = call(a, b), call(a.contiguous(), b.contiguous())
+            for g, w in zip(got, want):
+                if exact:
+                    assert torch.equal(g.nan_to_num(), w.nan_to_num()), (name, op)
+                else:
+                    torch.testing.assert_close(g, w, equal_nan=True, msg=f"{name} {op}")
+    broadcast_base = zb[:1, 2].expand(3, -1)  # one base row for every adapted row: stride 0
+    torch.testing.assert_close(svd_fast.steering_vector(za[:, 2], broadcast_base),
+                               svd_fast.steering_vector(za[:, 2].contiguous(), broadcast_base.contiguous()),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", CPU_TARGETS, indirect=True)
+def test_strided_inputs_are_not_copied(device):
+    from torch.profiler import ProfilerActivity, profile
+
+    za, zb = random_logits((4, 6), 20000, torch.bfloat16, seed=32)
+    a, b = za[:, :-1], zb[:, :-1]                              # calibration's slice
+    labels = torch.randint(0, 20000, a.shape[:-1])
+    input_bytes = a.numel() * a.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        svd_fast.token_mu(a, b, labels)
+        svd_fast.steered_nll(a, b, labels, [-1.0, 1.0])
+        svd_fast.steer_logits(za[:, -1], zb[:, -1], 0.5)      # the decode step's last position
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::contiguous")]  # what .contiguous() runs
+    assert not copies, copies
+    biggest = max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("svd_fast::token_mu") or
+                  e.name.startswith("svd_fast::steered_nll"))
+    assert biggest < input_bytes / 100  # outputs only: a few floats per row

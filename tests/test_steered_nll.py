@@ -208,3 +208,20 @@ def test_masked_blocks_far_below_the_running_maximum(device):
         got = svd_fast.steered_nll(za, zb, labels, mus, 0.1, fill)
         assert_steered_nll_matches_oracle(got, za, zb, labels, mus, 0.1, fill)
         assert bool((got[0] >= 0).all())
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_out_of_range_labels_reaching_the_kernels_give_nan_rows(device):
+    """The wrapper rejects bad ids on the CPU; on a GPU it leaves them to the kernels (a check would be a host
+    sync), which give that row NaN, never a silently ignored row. Called here on the ops directly."""
+    if not svd_fast.native_available():
+        pytest.skip("needs the compiled kernels")
+    za, zb = random_logits((4,), 300, device=device, seed=8)
+    labels = torch.tensor([5, 300, -7, -100], device=device)
+    mu_star, valid, numerator, norm_sq = (t.cpu() for t in torch.ops.svd_fast.token_mu(za, zb, labels, math.log(0.1),
+                                                                                       1e-12, -100))
+    assert not bool(valid[1:].any()) and all(bool(t[1:3].isnan().all()) for t in (mu_star, numerator, norm_sq))
+    assert mu_star[3] == 0 and numerator[3] == 0 and bool(torch.isfinite(mu_star[0]))
+    outputs = [t.cpu() for t in torch.ops.svd_fast.steered_nll(za, zb, labels, torch.tensor([0.0, 1.0], device=device),
+                                                               math.log(0.1), 1, 0.0, -100)]
+    assert all(bool(t[1:3].isnan().all()) and not t[3].any() and bool(torch.isfinite(t[0]).all()) for t in outputs)

@@ -237,7 +237,9 @@ def _check_out(out, z_adapted):
         raise ValueError("out must be contiguous")
 
 
-def _check_labels(labels, z_adapted, ignore_index):
+def _check_labels(labels, z_adapted, ignore_index, check_values=True):
+    """check_values=False leaves the ids to the kernels (an out-of-range id gives its row NaN outputs): on a
+    GPU, reading them on the host would be a sync."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
@@ -248,7 +250,7 @@ def _check_labels(labels, z_adapted, ignore_index):
     if labels.shape != rows_shape and labels.shape != (math.prod(rows_shape),):
         raise ValueError(f"labels must have one token id per row of logits, shape {tuple(rows_shape)}; "
                          f"got {tuple(labels.shape)}")
-    if _checking_values() and labels.numel():
+    if check_values and _checking_values() and labels.numel():
         vocab = z_adapted.shape[-1]
         ok = (labels == ignore_index) | ((labels >= 0) & (labels < vocab))
         if not bool(ok.all()):
@@ -318,9 +320,10 @@ def token_mu(z_adapted, z_base, labels, alpha=0.1, eps=1e-12, ignore_index=-100,
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_labels(labels, z_adapted, ignore_index)
+    native = _use_native(z_adapted.device)
+    _check_labels(labels, z_adapted, ignore_index, check_values=not native or z_adapted.device.type == "cpu")
     labels = labels.reshape(z_adapted.shape[:-1])
-    if _use_native(z_adapted.device):
+    if native:
         result = torch.ops.svd_fast.token_mu(z_adapted, z_base, labels.to(torch.int64), math.log(alpha), float(eps),
                                              int(ignore_index))
     else:
@@ -369,10 +372,11 @@ def steered_nll(z_adapted, z_base, labels, mus, alpha=0.1, fill="keep", ignore_i
     fill_mode, fill_value = _fill_args(fill)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_labels(labels, z_adapted, ignore_index)
+    native = _use_native(z_adapted.device)
+    _check_labels(labels, z_adapted, ignore_index, check_values=not native or z_adapted.device.type == "cpu")
     labels = labels.reshape(z_adapted.shape[:-1])
     mus = _strengths(mus, z_adapted)
-    if _use_native(z_adapted.device):
+    if native:
         return tuple(torch.ops.svd_fast.steered_nll(z_adapted, z_base, labels.to(torch.int64), mus, math.log(alpha),
                                                     fill_mode, fill_value, int(ignore_index)))
     shape = (*z_adapted.shape[:-1], mus.numel())
