@@ -466,17 +466,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_mu_cpu(const at
     });
     for (int64_t row = 0; row < x.rows; ++row) {
       const RowSummary& r = summary[row];
-      const int64_t y = label[row];
-      const bool target = is_target(y, ignore_index, x.vocab), out_of_range = label_out_of_range(y, ignore_index, x.vocab);
-      const float label_delta_k =
-          target ? kept_delta(static_cast<float>(p.a(row)[y]), static_cast<float>(p.b(row)[y]), r) : 0.0f;
       KeptSums s{0.0f, 0.0f};
       for (int64_t split = 0; split < plan.splits; ++split) {
         s.pa_dot_delta += partial[row * plan.splits + split].pa_dot_delta;
         s.delta_sq += partial[row * plan.splits + split].delta_sq;
       }
-      write_token_mu(out, row, target || out_of_range, r.bad || out_of_range, label_delta_k, s.pa_dot_delta,
-                     s.delta_sq, static_cast<float>(eps));
+      write_token_mu(out, p, row, label[row], ignore_index, x.vocab, r, s.pa_dot_delta, s.delta_sq,
+                     static_cast<float>(eps));
     }
   });
   return result.tuple();
@@ -503,13 +499,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> steered_nll_cpu(const at::Tensor&
     const RowPointers<T> p = x.pointers<T>();
     const Pass1 pass1 = row_summaries(k, p, x.rows, x.vocab, plan, static_cast<float>(log_alpha));
     std::vector<NllLabel> labels_of(x.rows);
-    for (int64_t row = 0; row < x.rows; ++row) {
-      const int64_t y = label[row];
-      const bool target = is_target(y, ignore_index, x.vocab);
-      const int64_t at = target ? y : 0;
-      labels_of[row] = nll_label(target, label_out_of_range(y, ignore_index, x.vocab), static_cast<float>(p.a(row)[at]),
-                                 static_cast<float>(p.b(row)[at]), pass1.summary[row], fill);
-    }
+    for (int64_t row = 0; row < x.rows; ++row)
+      labels_of[row] = nll_label(p, row, label[row], ignore_index, x.vocab, pass1.summary[row], fill);
     std::vector<NllStats> partial(x.rows * plan.splits * strengths, empty_nll_stats());
     for_each_block(k, p, x.rows, x.vocab, plan, false, [&](int64_t task, int64_t row, int64_t off, const Block<T>& blk) {
       const NllLabel& l = labels_of[row];

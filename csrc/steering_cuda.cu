@@ -204,23 +204,7 @@ __global__ void token_mu_kernel(RowPointers<T> p, const int64_t* labels, int64_t
     s = merge(s, partial[row * splits + k]);
     sums = combine(sums, kept_sums[row * splits + k]);
   }
-  const RowSummary r = finalize(s, log_alpha);
-  const int64_t y = labels[row];
-  const bool target = is_target(y, ignore_index, vocab), out_of_range = label_out_of_range(y, ignore_index, vocab);
-  const float label_delta_k =
-      target ? kept_delta(static_cast<float>(p.a(row)[y]), static_cast<float>(p.b(row)[y]), r) : 0.0f;
-  write_token_mu(out, row, target || out_of_range, r.bad || out_of_range, label_delta_k, sums.x, sums.y, eps);
-}
-
-// steered_nll: the label's line, the same in every block of a row.
-template <typename T>
-__device__ __forceinline__ NllLabel row_label(const RowPointers<T>& p, const int64_t* labels, int64_t row,
-                                              int64_t vocab, const RowSummary& r, NllFill fill, int64_t ignore_index) {
-  const int64_t y = labels[row];
-  const bool target = is_target(y, ignore_index, vocab);
-  const int64_t at = target ? y : 0;
-  return nll_label(target, label_out_of_range(y, ignore_index, vocab), static_cast<float>(p.a(row)[at]),
-                   static_cast<float>(p.b(row)[at]), r, fill);
+  write_token_mu(out, p, row, labels[row], ignore_index, vocab, finalize(s, log_alpha), sums.x, sums.y, eps);
 }
 
 constexpr int kStrengthGroup = 8;  // strengths per block (grid z): each thread holds their sums in registers
@@ -241,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
     nll_kernel(RowPointers<T> p, int64_t vocab, int64_t chunk, bool vectorized, NllArgs args) {
   const RowSummary r = row_summary(args.partial, gridDim.y, args.log_alpha);
   const int64_t row = blockIdx.x;
-  const NllLabel l = row_label(p, args.labels, row, vocab, r, args.fill, args.ignore_index);
+  const NllLabel l = nll_label(p, row, args.labels[row], args.ignore_index, vocab, r, args.fill);
   const int64_t first = static_cast<int64_t>(blockIdx.z) * kStrengthGroup;
   float mu[kStrengthGroup];
   NllStats acc[kStrengthGroup];
@@ -295,7 +279,7 @@ __global__ void nll_output_kernel(RowPointers<T> p, int64_t rows, int64_t vocab,
     s = merge(s, args.nll_partial[(row * splits + split) * args.strengths + j]);
   }
   const RowSummary r = finalize(stats, args.log_alpha);
-  write_nll(out, index, row_label(p, args.labels, row, vocab, r, args.fill, args.ignore_index), r.bad,
+  write_nll(out, index, nll_label(p, row, args.labels[row], args.ignore_index, vocab, r, args.fill), r.bad,
             args.mus[j], s);
 }
 

@@ -218,12 +218,19 @@ struct TokenMuOutputs {
   float* norm_sq;    // ||delta_K||^2
 };
 
-// mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4), from
-//   label_delta_k = delta_K(label),  pa_dot_delta_k = sum_K p_a delta,  delta_k_sq = sum_K delta^2.
-// Ignored labels give (0, false, 0, 0); ||delta_K||^2 < eps gives mu* = 0, valid = false with the terms
-// kept; bad rows (NaN rows) give NaN and false.
-SVD_HD void write_token_mu(const TokenMuOutputs& out, int64_t row, bool target, bool bad, float label_delta_k,
-                           float pa_dot_delta_k, float delta_k_sq, float eps) {
+// mu* = <onehot(label) - p_a, delta_K> / (||delta_K||^2 + eps)   (SPEC 4) of row `row` with label id y,
+// from its summary and its kept-set sums pa_dot_delta_k = sum_K p_a delta, delta_k_sq = sum_K delta^2
+// (the label's delta_K is read here). Ignored labels give (0, false, 0, 0); ||delta_K||^2 < eps gives
+// mu* = 0, valid = false with the terms kept; bad rows (NaN rows) and out-of-range ids give NaN and false.
+template <typename T>
+SVD_HD void write_token_mu(const TokenMuOutputs& out, const RowPointers<T>& p, int64_t row, int64_t y,
+                           int64_t ignore_index, int64_t vocab, const RowSummary& r, float pa_dot_delta_k,
+                           float delta_k_sq, float eps) {
+  const bool out_of_range = label_out_of_range(y, ignore_index, vocab);
+  const bool in_vocab = is_target(y, ignore_index, vocab);
+  const float label_delta_k =
+      in_vocab ? kept_delta(static_cast<float>(p.a(row)[y]), static_cast<float>(p.b(row)[y]), r) : 0.0f;
+  const bool target = in_vocab || out_of_range, bad = r.bad || out_of_range;
   const bool valid = target && !bad && delta_k_sq >= eps;
   const float numerator = label_delta_k - pa_dot_delta_k;
   out.valid[row] = valid;
@@ -300,9 +307,14 @@ struct NllLabel {
   float x0, slope;
 };
 
-SVD_HD NllLabel nll_label(bool target, bool out_of_range, float a, float b, const RowSummary& r, NllFill fill) {
+// The label's line of row `row` (label id y), the same in every block of the row.
+template <typename T>
+SVD_HD NllLabel nll_label(const RowPointers<T>& p, int64_t row, int64_t y, int64_t ignore_index, int64_t vocab,
+                          const RowSummary& r, NllFill fill) {
+  const bool target = is_target(y, ignore_index, vocab), out_of_range = label_out_of_range(y, ignore_index, vocab);
   NllLabel l{target || out_of_range, out_of_range, -kInf, 0.0f};
   if (!target || r.bad) return l;
+  const float a = static_cast<float>(p.a(row)[y]), b = static_cast<float>(p.b(row)[y]);
   float p_a;
   const float d = steering_delta(a, b, r, p_a);
   nll_line(a, d, is_kept(a, r), fill, l.x0, l.slope);

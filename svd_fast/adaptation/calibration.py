@@ -241,6 +241,11 @@ class _NllSearch:
         self.done = d_loss == 0.0 or step <= tol or self.hi - self.lo <= tol or self.at_limit
 
 
+def _as_evaluated(mu):
+    """mu as the op takes it (float32): the strength a pass actually evaluates, and the key it is kept under."""
+    return float(torch.tensor(mu, dtype=torch.float32))
+
+
 class _NllTotals:
     """steered_nll's outputs at K strengths summed over the calibration positions (float64): L, L', L'' and
     the count of positions in L and left out; and per example, its loss sums and its positions in L."""
@@ -372,7 +377,7 @@ def _refine_nll(searches, evaluate, fill, evaluated):
         if not pending:
             break
         for alpha, (sums, _, _, example_loss, tokens) in evaluate(pending, f"Newton step {step} for mu_nll").items():
-            mu = float(torch.tensor(pending[alpha], dtype=torch.float32)[0])  # the strength the op used
+            mu = _as_evaluated(pending[alpha][0])
             searches[alpha].update(mu, *(float(v) for v in sums[:, 0]))
             evaluated[alpha][mu] = (example_loss[:, 0], tokens)
     unbounded = {alpha: search.mu for alpha, search in searches.items() if search.at_limit}
@@ -393,7 +398,7 @@ def _measure_gains(results, evaluated, evaluate):
     """Each result's nll_gain: the calibration NLL per token at mu = 0 and at its mu_bar, with a bootstrap
     interval of their difference over examples. A mu_bar that no pass evaluated costs one more pass (all
     alphas together); without `evaluate` such a result gets no nll_gain."""
-    chosen = {alpha: float(torch.tensor(r.mu_bar, dtype=torch.float32)) for alpha, r in results.items()
+    chosen = {alpha: _as_evaluated(r.mu_bar) for alpha, r in results.items()
               if math.isfinite(r.mu_bar) and r.n_nll_tokens}
     missing = {alpha: [mu] for alpha, mu in chosen.items() if mu not in evaluated[alpha]}
     if missing and evaluate is None:
