@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 from peft import LoraConfig, get_peft_model
 
@@ -234,3 +236,11 @@ def test_a_cache_with_use_cache_false_is_refused_with_the_right_reason():
     with pytest.raises(ValueError, match="but use_cache=False"):
         steered.generate(input_ids=first.sequences, past_key_values=first.past_key_values, use_cache=False,
                          max_new_tokens=2, **GREEDY)
+
+
+@pytest.mark.skipif(Version(transformers.__version__) >= Version("5.10"), reason="tested in test_static_cache.py")
+def test_static_cache_on_an_older_transformers_is_one_clear_error():
+    steered = steered_for("lora", "auto")
+    with pytest.raises(ValueError, match="needs transformers 5.10 or later"):
+        steered.generate(**left_padded(char_tokenizer(), PROMPTS), max_new_tokens=2, cache_implementation="static",
+                         **GREEDY)

@@ -3,7 +3,7 @@ import contextlib
 import inspect
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 
 def cache_kwarg(model):
@@ -11,8 +11,8 @@ def cache_kwarg(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class PairedCache(DynamicCache):
-    """The KV cache of a 2B-row batch: rows [0, n) adapted, [n, 2n) base. Beam search reorders both.
+class PairedRows:
+    """What the KV caches of a 2B-row batch share: rows [0, n) adapted, [n, 2n) base. Beam search reorders both.
 
     With prompt or prefix tuning its first `virtual_tokens` positions hold the virtual tokens (masked out
     for the base rows). HF generate reads get_seq_length() as the number of tokens of the sequence it
@@ -25,7 +25,9 @@ class PairedCache(DynamicCache):
 
     def get_seq_length(self, *args, **kwargs):
         stored = super().get_seq_length(*args, **kwargs)
-        return stored if self._in_model_forward else max(0, stored - self.virtual_tokens)
+        if self._in_model_forward or not self.virtual_tokens:
+            return stored
+        return (stored - self.virtual_tokens).clamp(min=0) if torch.is_tensor(stored) else max(0, stored - self.virtual_tokens)
 
     def stored_length(self):
         return super().get_seq_length()
@@ -44,6 +46,35 @@ class PairedCache(DynamicCache):
         filled = [layer.keys for layer in self.layers if getattr(layer, "keys", None) is not None]
         half = filled[0].shape[0] // 2 if filled else beam_idx.numel()
         super().reorder_cache(torch.cat([beam_idx, beam_idx + half]))
+
+
+class PairedCache(PairedRows, DynamicCache):
+    """The dynamic KV cache of a 2B-row batch (see PairedRows)."""
+
+    def padded(self, attention_mask):
+        return attention_mask
+
+
+class PairedStaticCache(PairedRows, StaticCache):
+    """HF's static KV cache (`cache_implementation="static"`, the compile path) of a 2B-row batch: fixed-size
+    tensors of 2B rows and max_cache_len positions (plus the virtual tokens of prompt learning), allocated at
+    the first forward (see PairedRows). HF generate makes it (SteeredCausalLM._prepare_static_cache)."""
+
+    positions = 0  # what it holds: max_cache_len, virtual tokens included
+
+    def padded(self, attention_mask):
+        """A 2D mask of the stored positions and the new ones (virtual tokens included) padded with zeros to the
+        cache's width: one shape at every step, so that a compiled step does not recompile as the sequence grows."""
+        return torch.nn.functional.pad(attention_mask, (0, self.positions - attention_mask.shape[1]))
+
+    def padded_tokens_mask(self, attention_mask):
+        """The same for generate's mask of the real tokens, which the virtual tokens' columns will precede."""
+        return torch.nn.functional.pad(attention_mask, (0, self.positions - self.virtual_tokens - attention_mask.shape[1]))
+
+    def store(self, cache):
+        """Writes a (dynamic) cache's keys and values, prefix tuning's virtual tokens, into the first positions."""
+        for index, layer in enumerate(cache.layers):
+            self.update(layer.keys, layer.values, index)
 
 
 class TwoCaches(DynamicCache):
@@ -67,4 +98,4 @@ class TwoCaches(DynamicCache):
         self.base.reorder_cache(beam_idx)
 
 
-STEERED_CACHES = (PairedCache, TwoCaches)  # what SteeredModel.generate hands back, and takes back
+STEERED_CACHES = (PairedCache, PairedStaticCache, TwoCaches)  # what SteeredModel.generate hands back, and takes back

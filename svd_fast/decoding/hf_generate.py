@@ -4,10 +4,12 @@ import copy
 import warnings
 
 import torch
+from transformers import __version__ as transformers_version
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .caches import STEERED_CACHES
+from .batching import positions_from_mask
+from .caches import STEERED_CACHES, PairedStaticCache
 
 
 class SteeredCausalLM(PreTrainedModel, GenerationMixin):
@@ -41,6 +43,67 @@ class SteeredCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache:
             output["past_key_values"] = cache
         return output
+
+    # ---------------------------------------------------------------------------------------------
+    # HF's static cache (cache_implementation="static"), which its compile path needs.
+
+    def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, *args, **kwargs):
+        """transformers >= 5.10: the static cache of a generate call, here one of 2B rows (adapted and base rows)
+        and room for the virtual tokens of prompt learning."""
+        route = self.steered._route
+        if not route.static_cache:
+            raise ValueError(f"cache_implementation={cache_implementation!r} needs a one-forward route, and this adapter "
+                             f"decodes with {route.mode} ({self.steered.two_forward_reason or 'one_forward=False'}): "
+                             "drop cache_implementation (and compile_config) to decode with dynamic caches")
+        virtual = getattr(self.steered.peft_config, "num_virtual_tokens", 0) if route.name == "virtual" else 0
+        cache = super()._prepare_static_cache(cache_implementation, 2 * batch_size, max_cache_len + virtual, *args,
+                                              **kwargs)
+        cache.__class__ = PairedStaticCache
+        # HF keeps a cache as long as the longest earlier one of this model, so that compiled steps do not recompile
+        cache.positions = max(max_cache_len + virtual, getattr(self, "_previous_max_cache_length", 0))
+        cache.virtual_tokens = virtual
+        return cache
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config):
+        """HF compiles the forward of decode steps when the cache is static (on CUDA by default, elsewhere with a
+        compile_config). A route whose forward torch.compile cannot trace in one graph compiles with graph
+        breaks (fullgraph=False, HF's default), and says so in one error where fullgraph=True is asked for."""
+        compiles = super()._valid_auto_compile_criteria(model_kwargs, generation_config)
+        why_not = self.steered._route.why_not_compiled
+        if compiles and why_not and getattr(generation_config.compile_config, "fullgraph", False):
+            raise ValueError(f"this adapter decodes with {self.steered.mode}, which does not compile in one graph "
+                             f"({why_not}): set compile_config.fullgraph=False (graph breaks), or pass "
+                             "disable_compile=True to decode with the static cache uncompiled")
+        return compiles
+
+    def _get_cache(self, cache_implementation, *args, **kwargs):
+        """The static cache builder of transformers before 5.10, whose static caches take a cache_position."""
+        raise ValueError(f"cache_implementation={cache_implementation!r} with steering needs transformers 5.10 or later "
+                         f"(this is {transformers_version}): upgrade transformers, or drop cache_implementation")
+
+    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, **kwargs):
+        key = "cache" if "cache" in kwargs else "past_key_values"  # transformers >= 5.2x calls it cache
+        kwargs["inputs_embeds"] = inputs_embeds  # a named parameter: HF generate looks for it before taking embeds
+        if not isinstance(kwargs.get(key), PairedStaticCache):
+            return super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # HF turns the 2D mask into a 4D one of B rows for a static cache. The routes build the 2B rows' mask
+        # from the 2D one, given here padded to the cache's width: the same shapes at every decode step, so
+        # that a compiled step compiles once (the positions come from the unpadded mask).
+        cache = kwargs.pop(key)
+        inputs = super().prepare_inputs_for_generation(input_ids, **{key: None}, **kwargs)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            room = cache.positions - cache.virtual_tokens
+            if mask.shape[1] > room:
+                raise ValueError(f"the static cache holds {room} tokens and this step needs {mask.shape[1]}: give the "
+                                 f"generate call that made it room for the whole sequence (max_cache_len=...), or pass "
+                                 "the whole sequence without past_key_values")
+            if inputs.get("position_ids") is None:
+                length = (inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]).shape[1]
+                inputs["position_ids"] = positions_from_mask(mask)[:, -length:]
+            inputs["attention_mask"] = cache.padded_tokens_mask(mask)
+        inputs[key] = cache
+        return inputs
 
     def _reorder_cache(self, cache, beam_idx):
         cache.reorder_cache(beam_idx)

@@ -17,7 +17,7 @@ from transformers import Cache
 from .. import ops
 from . import routes
 from .batching import collate, ensure_pad_token, positions_from_mask
-from .caches import STEERED_CACHES, cache_kwarg
+from .caches import STEERED_CACHES, PairedStaticCache, cache_kwarg
 from .row_split import AuxiliaryModuleRows
 from .routes.base import Step
 
@@ -164,6 +164,8 @@ class SteeredModel:
         (or the adapter's), and its length would make HF skip the tokens it claims to hold."""
         if isinstance(cache, Cache) and not isinstance(cache, STEERED_CACHES) and cache.get_seq_length() == 0:
             return  # an empty cache: nothing to continue from
+        if isinstance(cache, PairedStaticCache) and cache.route is None:
+            return  # the static cache HF generate made for this call (SteeredCausalLM._prepare_static_cache)
         if self._route.cache_class is None:
             raise ValueError(f"this route ({self.mode}) keeps no KV cache, so it cannot continue from one: pass the "
                              "whole sequence as input_ids without past_key_values")

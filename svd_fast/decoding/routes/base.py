@@ -55,6 +55,8 @@ class Route:
     name = ""
     mode = ""
     cache_class = None
+    static_cache = False  # whether it can fill a PairedStaticCache (HF's static cache and compile path)
+    why_not_compiled = None  # why torch.compile cannot trace its forward, if it cannot
     peft_types = ()
 
     def __init__(self, steered):
@@ -77,6 +79,7 @@ class PairedRowsRoute(Route):
     forward (`forward_kwargs`)."""
 
     cache_class = PairedCache
+    static_cache = True
 
     def __init__(self, steered):
         super().__init__(steered)
@@ -93,11 +96,11 @@ class PairedRowsRoute(Route):
         return contextlib.nullcontext() if self.split is None else self.split.adapter_rows(n, width)
 
     def logits_pair(self, step, cache):
-        if cache is None:
-            cache = PairedCache()
+        cache = cache if cache is not None else PairedCache()
+        if cache.route is None:
             cache.route = self.name
         n, steered = step.batch, self.steered
-        kwargs = dict(**step.inputs(repeat=2), attention_mask=torch.cat([step.attention_mask] * 2),
+        kwargs = dict(**step.inputs(repeat=2), attention_mask=cache.padded(torch.cat([step.attention_mask] * 2)),
                       position_ids=torch.cat([step.position_ids] * 2), use_cache=True,
                       **{steered.cache_kwarg: cache}, **step.extra, **self.forward_kwargs(n))
         with steered.auxiliary.adapter_rows(n, step.length), self.adapter_rows(n, step.length):

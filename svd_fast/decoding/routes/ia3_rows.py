@@ -1,17 +1,19 @@
-"""IA3 on linear layers, in one forward of 2B rows: the IA3 layers run as their base layer and hooks apply
-each layer's learned scaling to the adapter rows, exactly as IA3's own forward does (to the input of
+"""IA3 on linear layers, in one forward of 2B rows: each IA3 layer runs its base layer and applies its
+learned scaling to the adapter rows only, exactly as IA3's own forward does (to the input of
 feed-forward layers, to the output of the others)."""
-import contextlib
-
 import torch
 
-from ..row_split import PerRowSplit
+from ..row_split import PerRowSplit, check_unmerged
 from .base import PairedRowsRoute
 
 
 class IA3Rows(PerRowSplit):
+    """Inside `adapter_rows(n, width)` each IA3 linear layer scales the adapter rows as IA3's own forward does
+    (the input of feed-forward layers, the output of the others) and passes the base rows through its base
+    layer unchanged. Replaced forwards, not hooks: registering hooks at each forward breaks torch.compile."""
+
     def __init__(self, layers, adapter):
-        self.layers, self.adapter = layers, adapter
+        self.forwards = [(m, self._row_forward(m, adapter)) for m in layers]
 
     @staticmethod
     def layers_of(peft_model):
@@ -25,30 +27,21 @@ class IA3Rows(PerRowSplit):
 
         return bool(layers) and all(isinstance(m, Linear) and not m.merged and adapter in m.ia3_l for m in layers)
 
-    @contextlib.contextmanager
-    def _installed(self):
-        def scale_input(module, args, kwargs):
-            x, scale = args[0], module.ia3_l[self.adapter]
-            n = self.rows.of(x, module)
-            scaled = (x[:n].to(scale.dtype) * scale.flatten()).to(x.dtype)
-            return (torch.cat([scaled, x[n:]]), *args[1:]), kwargs
+    def _row_forward(self, layer, adapter):
+        scale = layer.ia3_l[adapter]
 
-        def scale_output(module, args, result):
-            scale, n = module.ia3_l[self.adapter], self.rows.of(args[0], module)
+        def forward(x, *args, **kwargs):
+            if layer.disable_adapters:
+                return layer.base_layer(x, *args, **kwargs)
+            check_unmerged(layer)
+            n = self.rows.of(x, layer)
+            if layer.is_feedforward:
+                scaled = (x[:n].to(scale.dtype) * scale.flatten()).to(x.dtype)
+                return layer.base_layer(torch.cat([scaled, x[n:]]), *args, **kwargs)
+            result = layer.base_layer(x, *args, **kwargs)
             return torch.cat([(result[:n] * scale.flatten()).to(result.dtype), result[n:]])
 
-        handles, disabled = [], [m._disable_adapters for m in self.layers]
-        try:
-            for m in self.layers:
-                m._disable_adapters = True
-                handles.append(m.register_forward_pre_hook(scale_input, with_kwargs=True) if m.is_feedforward
-                               else m.register_forward_hook(scale_output))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for m, flag in zip(self.layers, disabled):
-                m._disable_adapters = flag
+        return forward
 
 
 class IA3RowsRoute(PairedRowsRoute):

@@ -8,6 +8,7 @@ class MixedBatchRoute(PairedRowsRoute):
     mode = "one-forward (mixed-adapter batch)"
 
     peft_types = ("LORA",)  # PEFT's LoHa and LoKr layers take adapter_names but ignore them
+    why_not_compiled = "PEFT's mixed-adapter batch registers forward hooks at every forward"
 
     @classmethod
     def why_not(cls, steered):

@@ -63,5 +63,10 @@ class TunerRowsRoute(PairedRowsRoute):
             return "the adapter is merged into the weights"
         return None
 
+    def __init__(self, steered):
+        super().__init__(steered)
+        if getattr(steered.peft_config, "use_dora", False):
+            self.why_not_compiled = "PEFT's DoRA forward checks its weights' classes, which dynamo cannot trace"
+
     def per_row_split(self, steered):
         return TunerLayerRows(tuner_layers(steered.model, steered.peft_type), SERVES_BASE_OUTPUT[steered.peft_type])
