@@ -185,6 +185,30 @@ def test_cuda_graph_capture_and_current_stream():
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
 
 
+@needs_cuda
+def test_the_label_ops_are_captured_in_a_cuda_graph():
+    """token_mu and steered_nll read GPU labels without a host sync (a sync inside capture raises), so a
+    compiled calibration or decode step can run in a CUDA graph; replay gives the eager results."""
+    za, zb = random_logits((6,), 151936, torch.bfloat16, "cuda", seed=26)
+    labels = torch.randint(0, 151936, (6,), device="cuda")
+    labels[2] = -100
+    mus = torch.tensor([-1.0, 0.0, 0.5], device="cuda")
+    run = lambda: (*svd_fast.token_mu(za, zb, labels), *svd_fast.steered_nll(za, zb, labels, mus))  # noqa: E731
+    expected = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on a side stream, as CUDA graph capture wants
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(captured, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_every_op_is_exported_at_top_level():
     import svd_fast.ops
 

@@ -158,3 +158,17 @@ def test_routes_with_graph_breaks_say_so_under_fullgraph(method):
     dynamic = generate(steered)
     compiled = generate(steered, cache_implementation="static", compile_config=compile_config(fullgraph=False))
     assert_same_decoding(compiled, dynamic)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_cuda_graphs_decode_as_the_dynamic_path(method):
+    """On CUDA HF compiles a static-cache decode step by itself, in its "reduce-overhead" mode (CUDA graphs)."""
+    torch._dynamo.reset()
+    steered = steered_for(method)
+    steered.model.to("cuda")
+    inputs = {k: v.to("cuda") for k, v in batch().items()}
+    dynamic = steered.generate(**inputs, **COMMON, do_sample=False)
+    compiled = steered.generate(**inputs, **COMMON, do_sample=False, cache_implementation="static")
+    assert hasattr(steered._lm, "_compiled_call")
+    assert compiled.sequences.tolist() == dynamic.sequences.tolist()
