@@ -51,22 +51,23 @@ def _existing_dir(path, what):
     return path
 
 
-def _load_base(name_or_path):
-    """(model, tokenizer, folder) of a local HF folder or the embedded default model's name."""
+def _load_base(name_or_path, args):
+    """(model, tokenizer, folder) of a local HF folder or the embedded default model's name, on --device with
+    --dtype weights."""
     from .evaluation import models
 
     try:
         path = models.resolve(name_or_path)
-        model, tokenizer = models.load(path)
+        model, tokenizer = models.load(path, device=args.device, dtype=args.dtype)
     except models.MissingModelError as err:
         raise UserError(str(err)) from None
     return model, tokenizer, path
 
 
-def _load_adapted(model_path, adapter_path):
+def _load_adapted(model_path, adapter_path, args):
     from peft import PeftModel
 
-    model, tokenizer, model_path = _load_base(model_path)
+    model, tokenizer, model_path = _load_base(model_path, args)
     _existing_dir(adapter_path, "adapter")
     if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
         raise UserError(f"{adapter_path} has no adapter_config.json: is it a PEFT adapter folder?")
@@ -133,7 +134,7 @@ def cmd_warm_start(args):
     from .adaptation.training import warm_start
 
     examples = _read_records(args.data, "training data")
-    model, tokenizer, _ = _load_base(args.model)
+    model, tokenizer, _ = _load_base(args.model, args)
     peft_model = warm_start(model, tokenizer, examples, method=args.method, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
     peft_model.save_pretrained(args.out)
@@ -144,7 +145,7 @@ def cmd_calibrate(args):
     from .adaptation.calibration import calibrate
 
     examples = _read_records(args.data, "calibration data")
-    peft_model, tokenizer = _load_adapted(args.model, args.adapter)
+    peft_model, tokenizer = _load_adapted(args.model, args.adapter, args)
     cal = calibrate(peft_model, tokenizer, examples, alpha=args.alpha, reduce=args.reduce, fill=args.fill,
                     batch_size=args.batch_size, max_length=args.max_length)
     path = cal.save(args.out or args.adapter)
@@ -179,11 +180,11 @@ def cmd_generate(args):
     from .decoding.batching import ensure_pad_token
     from .decoding import SteeredModel
 
-    peft_model, tokenizer = _load_adapted(args.model, args.adapter)
+    peft_model, tokenizer = _load_adapted(args.model, args.adapter, args)
     mu, alpha, fill = _steering_settings(args)
     ensure_pad_token(tokenizer)
     tokenizer.padding_side = "left"
-    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    batch = tokenizer(args.prompt, return_tensors="pt", padding=True).to(peft_model.device)
     settings = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, num_beams=args.num_beams,
                     pad_token_id=tokenizer.pad_token_id)
     if args.do_sample:
@@ -212,7 +213,7 @@ def cmd_score(args):
                 and isinstance(r.get("answer"), int) and 0 <= r["answer"] < len(r["choices"])):
             raise UserError(f"record {i} of {args.data} needs 'prompt' (str), 'choices' (list) and 'answer' "
                             "(index into choices)")
-    peft_model, tokenizer = _load_adapted(args.model, args.adapter)
+    peft_model, tokenizer = _load_adapted(args.model, args.adapter, args)
     mu, alpha, _ = _steering_settings(args)
     prompts, choices = [r["prompt"] for r in records], [r["choices"] for r in records]
     answers = [r["answer"] for r in records]
@@ -279,7 +280,8 @@ def _run_eval(args, jobs, sizes):
     from .evaluation import data, models
 
     try:
-        return evaluation.run(jobs, args.out, sizes, model=args.model, protocol=getattr(args, "protocol", "loglik"))
+        return evaluation.run(jobs, args.out, sizes, model=args.model, protocol=getattr(args, "protocol", "loglik"),
+                              device=args.device, dtype=args.dtype)
     except (data.MissingDataError, models.MissingModelError) as err:
         raise UserError(str(err)) from None
 
@@ -318,13 +320,14 @@ def cmd_demo(args):
         print(f"  {name:8s} accuracy {100 * s[name]['mean']:5.1f}%  [{100 * lo:.1f}, {100 * hi:.1f}]{mu}")
     print(f"  steered - adapter: {100 * s['delta']['mean']:+.1f} points, paired test p = {s['p']:.3f} "
           f"(mu_bar = {cell['mu_bar']:+.3f}, the paper's mean)")
-    peft_model, tokenizer, calibrations = evaluation.load_job(args.out, job, args.model)
+    peft_model, tokenizer, calibrations = evaluation.load_job(args.out, job, args.model, device=args.device,
+                                                              dtype=args.dtype)
     main = calibrations[evaluation.ALPHAS[0]]
     print(f"  {nll_curve_line(main)}")
     print(f"  exact strength (the minimiser of the calibration NLL, alpha {main.alpha}): {nll_gain_line(main)}")
     # One question, decoded greedily by the adapter and with steering (the -inf mask acting).
     question = data.split(data.load_benchmark("arc_easy"), args.train, args.calib, args.test, args.seed).test[0]
-    batch = tokenizer(question.prompt, return_tensors="pt")
+    batch = tokenizer(question.prompt, return_tensors="pt").to(peft_model.device)
     with torch.no_grad():
         plain = peft_model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     steered = SteeredModel(peft_model, mu=cell["mu_bar"], alpha=0.1).generate(
@@ -339,6 +342,15 @@ def cmd_demo(args):
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def _add_placement(parser):
+    from .evaluation.models import DEVICES, DTYPES
+
+    parser.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N (default auto: CUDA when "
+                        "available, else the CPU)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="the model's weights (default auto: bfloat16 on CUDA, float32 on the CPU)")
 
 
 def build_parser():
@@ -356,6 +368,7 @@ def build_parser():
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder to write the adapter to")
+    _add_placement(p)
     p.set_defaults(run=cmd_warm_start)
 
     p = sub.add_parser("calibrate", help="calibrate mu on labelled data (SPEC 4); writes steering_config.json")
@@ -370,6 +383,7 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--max-length", type=_positive_int, default=512)
     p.add_argument("--out", help="where to write steering_config.json (default: the adapter folder)")
+    _add_placement(p)
     p.set_defaults(run=cmd_calibrate)
 
     for name, helptext, func in (("generate", "generate with steering", cmd_generate),
@@ -380,6 +394,7 @@ def build_parser():
         p.add_argument("--calibration", help="folder with steering_config.json (default: the adapter folder)")
         p.add_argument("--mu", type=_finite, help="steering strength (default: the calibrated mu_bar)")
         p.add_argument("--alpha", type=_alpha, help="confidence mask (default: the calibrated one)")
+        _add_placement(p)
         p.set_defaults(run=func)
         if name == "generate":
             p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
@@ -425,6 +440,7 @@ def build_parser():
                           ("tqa-test", 150)):
         sizes.add_argument(f"--{name}", type=int, default=default)
     sizes.add_argument("--seed", type=int, default=0)
+    _add_placement(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("demo", help="the README's main job on the embedded default model")
@@ -434,6 +450,7 @@ def build_parser():
     p.add_argument("--calib", type=_positive_int, default=100)
     p.add_argument("--test", type=_positive_int, default=170)
     p.add_argument("--seed", type=int, default=0)
+    _add_placement(p)
     p.set_defaults(run=cmd_demo)
     return parser
 

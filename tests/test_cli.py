@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hf_models import char_tokenizer, tiny_model
 
@@ -86,6 +87,11 @@ def test_full_pipeline(workspace):
      "was trained on the model in"),
     (["warm-start", "--model", "{root}/base", "--data", "{root}/bad.jsonl", "--out", "{root}/x"],
      "must be a dict with string 'prompt' and 'answer'"),
+    pytest.param(["generate", "--model", "{root}/base", "--adapter", "{root}/adapter", "--prompt", "x", "--mu", "1",
+                  "--device", "cuda"], "sees no CUDA device here: use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
+    (["score", "--model", "{root}/base", "--adapter", "{root}/adapter", "--data", "{root}/mc.jsonl",
+      "--device", "mps"], "unsupported device 'mps'"),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(workspace, args, message):
     if not (workspace / "adapter").exists():
@@ -99,9 +105,19 @@ def test_user_mistakes_give_one_line_and_exit_2(workspace, args, message):
 
 
 def test_every_subcommand_has_help():
-    for command in ("warm-start", "calibrate", "generate", "score"):
+    for command in ("warm-start", "calibrate", "generate", "score", "eval", "demo"):
         done = run(command, "--help")
         assert done.returncode == 0 and "--model" in done.stdout
+        assert "--device" in done.stdout and "--dtype" in done.stdout
+
+
+def test_generate_with_bfloat16_weights_on_the_cpu(workspace):
+    if not (workspace / "adapter").exists():
+        pytest.skip("needs the adapter from test_full_pipeline")
+    done = run("generate", "--model", str(workspace / "base"), "--adapter", str(workspace / "adapter"), "--prompt",
+               "Q: 1+1? A:", "--max-new-tokens", "3", "--mu", "1", "--device", "cpu", "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    assert "steered:" in done.stdout
 
 
 @pytest.mark.skipif(shutil.which("svd-fast") is None, reason="console script not on PATH (not pip-installed)")

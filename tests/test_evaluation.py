@@ -231,6 +231,46 @@ def test_run_is_resumable_and_reports(fake_world, tmp_path):
                        log=lambda m: None)
 
 
+def test_a_job_folder_is_a_calibrated_adapter_for_every_command(fake_world, tmp_path, capsys):
+    """The harness's adapter folders (the demo's too) hold what `svd-fast generate/score/calibrate` read:
+    steering_config.json, the paper's mean at alpha 0.1, with the alpha sweep beside it; recalibrating
+    such a folder with the CLI keeps the sweep, so the harness does not redo the job."""
+    from svd_fast import cli
+    from svd_fast.adaptation.calibration import CalibrationResult
+
+    base, calls = fake_world
+    out = str(tmp_path / "run")
+    job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3)
+    first = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    folder = os.path.join(out, "adapters", job.name)
+    cal = CalibrationResult.load(folder)
+    assert (cal.reduce, cal.alpha) == ("mean", 0.1) and cal.mu_bar == pytest.approx(first["cells"][0]["mu_bar"])
+    assert not os.path.exists(os.path.join(folder, "calibration.json"))
+    assert cli.main(["generate", "--model", base, "--adapter", folder, "--prompt", "1+1=?", "--max-new-tokens", "2"]) == 0
+    assert f"(mu={cal.mu_bar:.4g})" in capsys.readouterr().out
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=? Answer:", "answer": f" {i + 1}"}) + "\n" for i in range(4)))
+    assert cli.main(["calibrate", "--model", base, "--adapter", folder, "--data", str(data)]) == 0
+    again = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert len(calls) == 1 and again["cells"] == first["cells"]  # the sweep survived: nothing redone
+
+
+def test_an_old_run_folder_with_calibration_json_still_resumes(fake_world, tmp_path):
+    base, calls = fake_world
+    out = str(tmp_path / "run")
+    job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr=1e-3)
+    first = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    folder = os.path.join(out, "adapters", job.name)
+    with open(os.path.join(folder, "steering_config.json")) as f:
+        sweep = json.load(f)["alpha_sweep"]
+    os.remove(os.path.join(folder, "steering_config.json"))
+    with open(os.path.join(folder, "calibration.json"), "w") as f:  # the earlier layout
+        json.dump(sweep, f)
+    os.remove(os.path.join(out, "cells", f"{job.name}__arc_easy.json"))
+    again = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert len(calls) == 1 and again["cells"] == first["cells"]
+
+
 def test_generation_protocol(fake_world, tmp_path):
     base, _ = fake_world
     out = str(tmp_path / "gen")

@@ -315,3 +315,26 @@ def test_cpu_decode_steps_use_the_small_batch_kernel(method, monkeypatch):
         torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=1e-4)
     # the layers are back as they were
     assert all("forward" not in m.__dict__ for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_inputs_on_another_device_or_dtype_are_one_clear_error():
+    steered = SteeredModel(adapted("llama", "lora"), mu=1.0)
+    batch = left_padded(char_tokenizer(), PROMPTS)
+    with pytest.raises(ValueError, match="input_ids is on meta but the model on cpu: move the inputs"):
+        steered.logits_pair(batch["input_ids"].to("meta"), batch["attention_mask"])
+    embeds = steered.model.get_base_model().get_input_embeddings()(batch["input_ids"]).double()
+    with pytest.raises(ValueError, match="inputs_embeds are torch.float64 but the model's weights torch.float32"):
+        steered.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=2)
+
+
+def test_device_and_dtype_names():
+    from svd_fast.evaluation import models
+
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    assert models.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert models.resolve_dtype("auto", "cpu") == torch.float32 and models.resolve_dtype("float16") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        models.resolve_dtype("fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device"):
+            models.resolve_device("cuda:0")

@@ -93,12 +93,19 @@ class CalibrationResult:
         return data
 
     def save(self, directory):
-        """Writes steering_config.json into `directory` (beside the adapter files); returns its path."""
+        """Writes steering_config.json into `directory` (beside the adapter files); returns its path. Keys of an
+        existing file that are not this result's fields stay (the evaluation harness keeps its alpha sweep there)."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_NAME)
+        kept = {}
+        try:
+            with open(path) as f:
+                kept = {k: v for k, v in json.load(f).items() if k not in self.to_dict()}
+        except (OSError, ValueError, AttributeError):
+            pass  # none yet, or unreadable: written anew
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
+            json.dump({**kept, **self.to_dict()}, f, indent=2)
         os.replace(tmp, path)  # never a half-written config
         return path
 

@@ -100,6 +100,7 @@ class SteeredModel:
         the attention mask, as HF generate computes them); cache: None at the first step, then the one
         returned (None from a route that keeps none)."""
         tokens = input_ids if inputs_embeds is None else inputs_embeds
+        self._check_placement(tokens, attention_mask, inputs_embeds is not None)
         n, length = tokens.shape[:2]
         if attention_mask is None:
             past = cache.get_seq_length() if cache is not None else 0
@@ -108,6 +109,18 @@ class SteeredModel:
             position_ids = positions_from_mask(attention_mask)[:, -length:]
         extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         return self._route.logits_pair(Step(input_ids, inputs_embeds, attention_mask, position_ids, extra), cache)
+
+    def _check_placement(self, tokens, attention_mask, embeds):
+        """Inputs on another device than the model (or embeddings of another dtype): one line, not a stack."""
+        base = self.model.get_base_model()
+        device = base.device
+        for name, tensor in (("inputs_embeds" if embeds else "input_ids", tokens), ("attention_mask", attention_mask)):
+            if tensor is not None and tensor.device != device:
+                raise ValueError(f"{name} is on {tensor.device} but the model on {device}: move the inputs with "
+                                 f".to({str(device)!r}) (e.g. tokenizer(...).to(model.device))")
+        if embeds and tokens.dtype != base.dtype:
+            raise ValueError(f"inputs_embeds are {tokens.dtype} but the model's weights {base.dtype}: cast them with "
+                             f".to({base.dtype})")
 
     def steer(self, z_adapted, z_base, fill=None):
         """Steered logits; `fill` overrides the model's fill for this call."""

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..adaptation.calibration import CalibrationResult, calibrate_sweep
+from ..adaptation.calibration import CONFIG_NAME, CalibrationResult, calibrate_sweep
 from ..decoding.batching import collate
 from ..decoding import SteeredModel
 from . import data as datasets_
@@ -248,44 +248,72 @@ class _Questions:
         return self._splits[benchmark, template]
 
 
-def _settings_record(job, sizes, model):
+def _settings_record(job, sizes, model, dtype=torch.float32):
     record = {"job": dataclasses.asdict(job), "sizes": dataclasses.asdict(sizes), "model": model,
               "lr": job.learning_rate}
+    if dtype != torch.float32:  # float32 runs keep the record of the folders written before dtypes were chosen
+        record["dtype"] = str(dtype).removeprefix("torch.")
     return json.loads(json.dumps(record))  # as it reads back from settings.json (tuples become lists)
 
 
-def _load_calibrated(folder, base_path):
+SWEEP_KEY = "alpha_sweep"  # in a job's steering_config.json: every alpha's calibration, as {str(alpha): dict}
+LEGACY_SWEEP = "calibration.json"  # where run folders written before steering_config.json held the sweep keep it
+
+
+def calibration_sweep(folder):
+    """{alpha (str): CalibrationResult dict} of a job's adapter folder, or None while it holds no finished
+    calibration. The folder is a calibrated adapter as every command reads it: the PEFT adapter files and
+    steering_config.json (the paper's mean at alpha 0.1, as `svd-fast calibrate` writes it), which holds the
+    whole sweep under "alpha_sweep" too."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if os.path.exists(path):
+        sweep = _read_json(path).get(SWEEP_KEY)
+        if sweep is not None:
+            return sweep
+    legacy = os.path.join(folder, LEGACY_SWEEP)
+    return _read_json(legacy) if os.path.exists(legacy) else None
+
+
+def _write_calibrated(folder, calibrations):
+    """steering_config.json of a job: alpha 0.1's calibration with the paper's mean as its strength (what
+    `svd-fast generate --adapter` steers with), and the sweep. Written last: it marks the job's adapter done."""
+    main = calibrations[ALPHAS[0]]
+    config = dataclasses.replace(main, mu_bar=main.reductions["mean"], reduce="mean").to_dict()
+    config[SWEEP_KEY] = {str(a): c.to_dict() for a, c in calibrations.items()}
+    _write_json(os.path.join(folder, CONFIG_NAME), config)
+
+
+def _load_calibrated(folder, base_path, device="cpu", dtype=None):
     import peft
 
     from . import models
 
-    base, tokenizer = models.load(base_path, progress=False)
+    base, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
     peft_model = peft.PeftModel.from_pretrained(base, folder).eval()
-    calibrations = {float(a): CalibrationResult.from_dict(c)
-                    for a, c in _read_json(os.path.join(folder, "calibration.json")).items()}
+    calibrations = {float(a): CalibrationResult.from_dict(c) for a, c in calibration_sweep(folder).items()}
     return peft_model, tokenizer, calibrations
 
 
-def load_job(out, job, model="smollm2-135m-instruct", cache=None):
-    """(peft_model, tokenizer, {alpha: CalibrationResult}) of a finished job of the run in `out`."""
+def load_job(out, job, model="smollm2-135m-instruct", cache=None, device="cpu", dtype=None):
+    """(peft_model, tokenizer, {alpha: CalibrationResult}) of a finished job of the run in `out`, on `device`
+    with weights of `dtype` (see models.load)."""
     from . import models
 
     folder = os.path.join(out, "adapters", job.name)
-    if not os.path.exists(os.path.join(folder, "calibration.json")):
+    if calibration_sweep(folder) is None:
         raise FileNotFoundError(f"{folder} holds no calibrated adapter: run the job first")
-    return _load_calibrated(folder, models.resolve(model, cache, progress=False))
+    return _load_calibrated(folder, models.resolve(model, cache, progress=False), device, dtype)
 
 
-def _prepare_adapter(job, base_path, questions, folder, progress, log):
+def _prepare_adapter(job, base_path, questions, folder, progress, log, device, dtype):
     """The job's warm-started and calibrated adapter: trained and saved, or loaded from `folder`."""
     from . import models
     from ..adaptation.training import warm_start
 
-    calib_path = os.path.join(folder, "calibration.json")
-    if os.path.exists(calib_path):
+    if calibration_sweep(folder) is not None:
         log(f"[{job.name}] adapter and calibration found in {folder}: skipping warm start and calibration")
-        return _load_calibrated(folder, base_path)
-    base_model, tokenizer = models.load(base_path, progress=False)
+        return _load_calibrated(folder, base_path, device, dtype)
+    base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
     train = [q.example() for b in job.train_on for q in questions.split(b, job.template).train]
     calib = [q.example() for b in job.train_on for q in questions.split(b, job.template).calib]
     log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
@@ -298,13 +326,16 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log):
                                    progress=progress)
     peft_model.save_pretrained(folder)
     np.save(os.path.join(folder, "mu_star.npy"), calibrations[ALPHAS[0]].values.numpy())
-    _write_json(calib_path, {str(a): c.to_dict() for a, c in calibrations.items()})  # written last: marks done
+    _write_calibrated(folder, calibrations)
     return peft_model, tokenizer, calibrations
 
 
 def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="loglik", cache=None, progress=True,
-        log=None):
-    """Runs the jobs (skipping finished stages) and writes results.json, results.md and plots/ under `out`."""
+        log=None, device="cpu", dtype=None):
+    """Runs the jobs (skipping finished stages) and writes results.json, results.md and plots/ under `out`.
+    device and dtype: where the model runs and its weights' dtype (models.load: "auto", "cpu", "cuda";
+    "auto", "float32", "bfloat16", "float16"; None: float32). A run folder keeps its dtype: resuming it
+    with another is refused, as any other change of settings."""
     from . import models
     from ..adaptation.training import METHODS
 
@@ -322,6 +353,8 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
             if b not in datasets_.BENCHMARKS:
                 raise ValueError(f"unknown benchmark {b!r}: choose from {', '.join(datasets_.BENCHMARKS)}")
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    device = models.resolve_device(device)
+    dtype = torch.float32 if dtype is None else models.resolve_dtype(dtype, device)
     base_path = models.resolve(model, cache, progress)
     questions = _Questions(sizes, cache)
     for job in jobs:  # load every split first: a missing package fails before hours of training
@@ -329,7 +362,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
             questions.split(b, job.template)
     failed = {}
     for job in jobs:
-        settings = _settings_record(job, sizes, model)
+        settings = _settings_record(job, sizes, model, dtype)
         folder = os.path.join(out, "adapters", job.name)
         settings_path = os.path.join(folder, "settings.json")
         if os.path.exists(settings_path) and _read_json(settings_path) != settings:
@@ -340,7 +373,8 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
             continue
         _write_json(settings_path, settings)
         try:
-            peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log)
+            peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log,
+                                                                   device, dtype)
             for benchmark in pending:
                 _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log)
             del peft_model
@@ -371,9 +405,10 @@ def collect(out):
                               c["job"], c["protocol"], datasets_.BENCHMARKS.index(c["benchmark"])))
     calibration = {}
     for cell in cells:
-        path = os.path.join(out, "adapters", cell["job"], "calibration.json")
-        if cell["job"] not in calibration and os.path.exists(path):
-            calibration[cell["job"]] = _read_json(path)
+        if cell["job"] not in calibration:
+            sweep = calibration_sweep(os.path.join(out, "adapters", cell["job"]))
+            if sweep is not None:
+                calibration[cell["job"]] = sweep
     settings = {c["job"]: _read_json(os.path.join(out, "adapters", c["job"], "settings.json")) for c in cells}
     return {"cells": cells, "calibration": calibration, "settings": settings}
 

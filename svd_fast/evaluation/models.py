@@ -89,17 +89,66 @@ def resolve(name_or_path=DEFAULT_MODEL, cache=None, progress=True):
     return name_or_path
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device="auto"):
+    """torch.device for "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N"; a CUDA device
+    this machine lacks is one clear error."""
+    import torch
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda (cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA device here: "
+                             "use --device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s)")
+    elif resolved.type != "cpu":
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda (cuda:N)")
+    return resolved
+
+
+def resolve_dtype(dtype="auto", device="cpu"):
+    """torch dtype of the weights: "auto" is bfloat16 on CUDA (where it is supported) and float32 on the CPU."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
 def load(name_or_path=DEFAULT_MODEL, cache=None, dtype=None, device="cpu", progress=True):
-    """(model, tokenizer) in eval mode, from local files only. dtype defaults to float32."""
+    """(model, tokenizer) in eval mode, from local files only.
+
+    device: "auto", "cpu", "cuda" or "cuda:N" (or a torch.device); dtype: "auto" (bfloat16 on CUDA,
+    float32 on the CPU), "float32", "bfloat16", "float16" or a torch dtype; None is float32. Raises
+    MissingModelError (the files) or ValueError (a device this machine lacks, an unknown dtype)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..decoding.batching import ensure_pad_token
 
+    device = resolve_device(device)
+    dtype = torch.float32 if dtype is None else resolve_dtype(dtype, device)
     path = resolve(name_or_path, cache, progress)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise MissingModelError(f"cannot load a causal LM and tokenizer from {path}: {str(err).splitlines()[0]}") \
             from None
