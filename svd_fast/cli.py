@@ -18,6 +18,7 @@ import math
 import os
 import sys
 
+from .distributed import is_main
 from .evaluation.models import DEFAULT_MODEL
 
 
@@ -137,8 +138,9 @@ def cmd_warm_start(args):
     model, tokenizer, _ = _load_base(args.model, args)
     peft_model = warm_start(model, tokenizer, examples, method=args.method, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
-    peft_model.save_pretrained(args.out)
-    print(f"adapter ({args.method}, {len(examples)} examples, {args.epochs} epoch(s)) saved to {args.out}")
+    if is_main():  # under torchrun every rank trained the same adapter
+        peft_model.save_pretrained(args.out)
+        print(f"adapter ({args.method}, {len(examples)} examples, {args.epochs} epoch(s)) saved to {args.out}")
 
 
 def cmd_calibrate(args):
@@ -148,6 +150,8 @@ def cmd_calibrate(args):
     peft_model, tokenizer = _load_adapted(args.model, args.adapter, args)
     cal = calibrate(peft_model, tokenizer, examples, alpha=args.alpha, reduce=args.reduce, fill=args.fill,
                     batch_size=args.batch_size, max_length=args.max_length)
+    if not is_main():  # under torchrun every rank has the same result; rank 0 writes and reports it
+        return
     path = cal.save(args.out or args.adapter)
     print(f"mu_bar = {cal.mu_bar:.4f} ({cal.reduce} of {cal.n_tokens} positions, {cal.n_skipped} skipped; "
           f"mean {cal.mean:.4f}, median {cal.median:.4f}, std {cal.std:.4f}) -> {path}")
@@ -281,13 +285,15 @@ def _run_eval(args, jobs, sizes):
 
     try:
         return evaluation.run(jobs, args.out, sizes, model=args.model, protocol=getattr(args, "protocol", "loglik"),
-                              device=args.device, dtype=args.dtype)
+                              device=args.device, dtype=args.dtype, score_batch_size=args.score_batch_size)
     except (data.MissingDataError, models.MissingModelError) as err:
         raise UserError(str(err)) from None
 
 
 def cmd_eval(args):
     results = _run_eval(args, _eval_jobs(args), _sizes(args))
+    if not is_main():
+        return
     with open(f"{args.out}/results.md") as f:
         print(f.read())
     print(f"results: {args.out}/results.json, {args.out}/results.md, plots in {args.out}/plots ({len(results['cells'])} "
@@ -308,6 +314,8 @@ def cmd_demo(args):
     job = evaluation.Job("lora", 1, ("arc_easy",), ("arc_easy",))
     sizes = evaluation.Sizes(train=args.train, calib=args.calib, test=args.test, seed=args.seed)
     results = _run_eval(args, [job], sizes)
+    if not is_main():  # the evaluation ran sharded; rank 0 reports it
+        return
     cell = results["cells"][0]
     s = cell["summary"]["acc"]
     print(f"\nSmolLM2-135M-Instruct, LoRA warm start on {args.train} ARC-Easy questions, mu calibrated on {args.calib}, "
@@ -344,9 +352,13 @@ def cmd_demo(args):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _add_placement(parser):
+def _add_placement(parser, scoring=False):
     from .evaluation.models import DEVICES, DTYPES
 
+    if scoring:
+        parser.add_argument("--score-batch-size", type=_positive_int, default=8,
+                            help="questions per scoring forward (default 8): bounds memory, leaves the scores as "
+                                 "they are (--batch-size is the warm start's, part of a job's settings)")
     parser.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} or cuda:N (default auto: CUDA when "
                         "available, else the CPU)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
@@ -440,7 +452,7 @@ def build_parser():
                           ("tqa-test", 150)):
         sizes.add_argument(f"--{name}", type=int, default=default)
     sizes.add_argument("--seed", type=int, default=0)
-    _add_placement(p)
+    _add_placement(p, scoring=True)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("demo", help="the README's main job on the embedded default model")
@@ -450,15 +462,23 @@ def build_parser():
     p.add_argument("--calib", type=_positive_int, default=100)
     p.add_argument("--test", type=_positive_int, default=170)
     p.add_argument("--seed", type=int, default=0)
-    _add_placement(p)
+    _add_placement(p, scoring=True)
     p.set_defaults(run=cmd_demo)
     return parser
 
 
 def main(argv=None):
+    """The command line. Under torchrun (`torchrun --nproc-per-node N -m svd_fast.cli eval|warm-start|calibrate|demo
+    ...`) each process joins one process group (gloo on CPUs, NCCL with one GPU per process on CUDA) and takes
+    its share of the work; rank 0 writes and prints."""
+    from .distributed import process_group_from_torchrun
+
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with process_group_from_torchrun(getattr(args, "device", "auto")) as device:
+            if hasattr(args, "device"):
+                args.device = device
+            args.run(args)
     except UserError as err:
         print(f"svd-fast {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -151,6 +151,31 @@ def test_shared_prefix_scoring_matches_full_sequences(method):
                                    atol=1e-3)
 
 
+@pytest.mark.parametrize("method,one_forward", [("lora", "auto"), ("ia3", "auto"), ("prompt", "auto"),
+                                                ("ptuning_v2", "auto"), ("lora", False), ("prompt", False)])
+def test_batched_scoring_equals_one_question_at_a_time(method, one_forward):
+    """Questions of different prompt and option lengths scored in batches (left-padded prompts, options of
+    every question in one forward) give each question's one-at-a-time scores, on every route."""
+    tok = char_tokenizer()
+    steered = SteeredModel(_peft(method), mu=0.0, fill="keep", one_forward=one_forward)
+    questions = [data.Question("arc_easy", f"Q{i}: {'x' * (i % 3)}{i}+{i}=?" + " A:" * (i % 2),
+                               tuple(str(i + j) * (1 + (i + j) % 3) for j in range(2 + i % 3)), 0) for i in range(7)]
+    scored = {"steered": (0.7, 0.1), "no_mask": (-1.5, 1e-30)}
+    one_at_a_time = [evaluation.score_question(steered, tok, q, scored) for q in questions]
+    batched = [None] * len(questions)
+    batches = evaluation.scoring_batches(steered, tok, questions, batch_size=4)
+    assert sorted(i for b in batches for i in b) == list(range(len(questions))) and max(map(len, batches)) <= 4
+    if method == "lora":
+        assert batches == [[0, 1, 2, 3], [4, 5, 6]]  # prompts of different lengths share a batch
+    for batch in batches:
+        for i, result in zip(batch, evaluation.score_questions(steered, tok, [questions[i] for i in batch], scored)):
+            batched[i] = result
+    for (sums, lengths), (ref_sums, ref_lengths) in zip(batched, one_at_a_time):
+        assert lengths == ref_lengths and sums.keys() == ref_sums.keys()
+        for name in sums:
+            np.testing.assert_allclose(sums[name], ref_sums[name], rtol=1e-5, atol=1e-4)
+
+
 def test_metrics_follow_the_standard_definitions():
     tqa = data.Question("truthfulqa", "Q: x\nA:", ("t0", "t1", "f0", "f1"), label=1, n_true=2)
     m = evaluation.question_metrics(tqa, [-1.0, -3.0, -2.0, -4.0], [1, 1, 1, 1])

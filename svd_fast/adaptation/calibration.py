@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from .._version import __version__
 from ..decoding import SteeredModel
+from ..distributed import gather_tensors, rank_and_world
 from ..statistics import bootstrap_ratio_ci
 from .examples import batches, check_examples
 
@@ -166,20 +167,6 @@ def fingerprint(examples):
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _gather(tensors):
-    """Concatenates each rank's 1-D tensors in rank order (identity without torch.distributed)."""
-    if not _distributed():
-        return tensors
-    world = torch.distributed.get_world_size()
-    gathered = [None] * world
-    torch.distributed.all_gather_object(gathered, [t.cpu() for t in tensors])
-    return [torch.cat([g[i] for g in gathered]) for i in range(len(tensors))]
-
-
 @torch.no_grad()
 def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", batch_size=8, max_length=512,
               eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True):
@@ -282,8 +269,8 @@ class _NllTotals:
         flat = torch.cat([self.sums.reshape(-1), torch.tensor([self.n, self.excluded], dtype=torch.float64)])
         loss = torch.cat(self.example_loss) if self.example_loss else empty
         tokens = torch.cat(self.example_tokens).double() if self.example_tokens else torch.zeros(0, dtype=torch.float64)
-        world = torch.distributed.get_world_size() if _distributed() else 1
-        flat, loss, tokens = _gather([flat, loss.reshape(-1), tokens])
+        world = rank_and_world()[1]
+        flat, loss, tokens = gather_tensors([flat, loss.reshape(-1), tokens])
         flat = flat.reshape(world, -1).sum(0)
         order = torch.cat([torch.arange(rank, n_examples, world) for rank in range(world)])
         example_loss, example_tokens = torch.empty(n_examples, k, dtype=torch.float64), torch.empty(n_examples)
@@ -307,7 +294,7 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     ops._fill_args(fill)
     steered = SteeredModel(peft_model, mu=0.0, alpha=alphas[0], fill=fill, adapter_name=adapter_name)
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    rank, world = rank_and_world()
     shard = examples[rank::world]
     device = peft_model.get_base_model().device
     n_batches = math.ceil(len(shard) / batch_size)
@@ -340,11 +327,11 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
                 for kept, value in zip(terms[alpha], (mu_star, numerator, norm_sq)):
                     kept.append(value[valid].double().cpu())
                 grid[alpha].add(z_a, z_b, targets, alpha, fill)
-        n_targets = int(_gather([torch.tensor([n_targets])])[0].sum())
+        n_targets = int(gather_tensors([torch.tensor([n_targets])])[0].sum())
         if n_targets == 0:
             raise ValueError("the calibration examples have no answer tokens after tokenization (max_length too short?)")
         empty = torch.zeros(0, dtype=torch.float64)
-        first_order = {alpha: _gather([torch.cat(kept) if kept else empty for kept in terms[alpha]]) for alpha in alphas}
+        first_order = {alpha: gather_tensors([torch.cat(kept) if kept else empty for kept in terms[alpha]]) for alpha in alphas}
         for alpha, (mu_star, _, _) in first_order.items():
             if mu_star.numel() == 0 and reduce != "nll":  # the exact strength needs no mu*
                 raise ValueError(f"all {n_targets} answer positions were skipped at alpha={alpha}: ||delta_K||^2 < "

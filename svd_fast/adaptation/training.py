@@ -5,6 +5,8 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from ..decoding.batching import IGNORE_INDEX
+from ..distributed import all_reduce_sum, rank_and_world
 from .examples import batches, check_examples
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -38,12 +40,30 @@ def preset_config(method, model):
     raise ValueError(f"method must be one of {METHODS} or a peft config, got {method!r}")
 
 
+def _answer_loss_sum(peft_model, input_ids, mask, labels):
+    """The summed cross-entropy over the answer tokens (labels shifted by one), float32; and their count."""
+    logits = peft_model(input_ids=input_ids, attention_mask=mask).logits
+    logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens' logits first
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
 def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-5, batch_size=1, max_length=512,
                seed=0, progress=True, adapter_name="default"):
     """Fine-tunes a fresh PEFT adapter on train_examples briefly; returns the PeftModel in eval mode.
 
     method: "lora" | "ia3" | "prompt" | "ptuning_v2" (SPEC 5's settings) or any peft config. The loss is
-    on the answer tokens only. Seeded and deterministic; on CUDA it runs under bf16 autocast.
+    the mean cross-entropy over the answer tokens of a batch of `batch_size` examples. Seeded and
+    deterministic; on CUDA it runs under bf16 autocast.
+
+    Data parallel under torch.distributed (torchrun; gloo on CPUs, NCCL on GPUs): every rank takes its share
+    of each batch (examples rank, rank + world, ...), the gradients of the batch's summed loss are summed
+    across ranks and divided by its answer-token count, so each step is the single-process step, up to
+    float rounding and dropout's random draws (drawn per rank). Every rank returns the same adapter.
+    (Not the DDP wrapper: a batch smaller than the world leaves some ranks without examples, which DDP's
+    hooks cannot skip; the trainable parameters here are few.)
     """
     import peft
 
@@ -55,10 +75,14 @@ def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-
     if isinstance(model, peft.PeftModel):
         raise ValueError("model already carries a PEFT adapter: pass the base model to warm_start")
     config = method if isinstance(method, peft.PeftConfig) else preset_config(method, model)
+    rank, world = rank_and_world()
     torch.manual_seed(seed)
     peft_model = peft.get_peft_model(model, config, adapter_name=adapter_name)
+    if world > 1:
+        torch.manual_seed(seed + rank)  # dropout: each rank its own draws
     device = model.device
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=lr)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     order = random.Random(seed)
@@ -67,21 +91,31 @@ def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-
     for epoch in range(epochs):
         shuffled = examples[:]
         order.shuffle(shuffled)
-        running = 0.0
-        bar = tqdm(batches(tokenizer, shuffled, batch_size, max_length), total=steps, unit="batch", disable=not progress,
+        running, running_tokens = 0.0, 0
+        bar = tqdm(range(0, len(shuffled), batch_size), total=steps, unit="batch", disable=not (progress and rank == 0),
                    desc=f"warm start ({method if isinstance(method, str) else type(method).__name__}) "
-                        f"epoch {epoch + 1}/{epochs}")
-        for step, (input_ids, mask, labels) in enumerate(bar, 1):
-            with autocast:
-                loss = peft_model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                  labels=labels.to(device)).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step}: "
+                        f"epoch {epoch + 1}/{epochs}" + (f", {world} processes" if world > 1 else ""))
+        for step, start in enumerate(bar, 1):
+            share = shuffled[start:start + batch_size][rank::world]
+            total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, answer tokens
+            if share:
+                input_ids, mask, labels = next(batches(tokenizer, share, len(share), max_length))
+                with autocast:
+                    loss, tokens = _answer_loss_sum(peft_model, input_ids.to(device), mask.to(device), labels.to(device))
+                total += torch.stack([loss.detach().double(), tokens.double()])
+            all_reduce_sum(total)
+            if not torch.isfinite(total[0]):
+                raise FloatingPointError(f"the loss became {total[0].item()} at epoch {epoch + 1}, step {step}: "
                                          f"lower lr (now {lr})")
-            loss.backward()
+            if share:
+                (loss / total[1].clamp(min=1)).backward()
+            for p in trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                all_reduce_sum(p.grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            running += loss.item()
+            running, running_tokens = running + total[0].item(), running_tokens + int(total[1].item())
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running / step:.4f}")
+                bar.set_postfix(loss=f"{running / max(1, running_tokens):.4f}")
     return peft_model.eval()

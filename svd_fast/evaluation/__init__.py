@@ -11,8 +11,8 @@ from . import data, models
 from .data import metric_names
 
 _HARNESS = ("Job", "Sizes", "run", "collect", "load_job", "matrix_jobs", "variants", "question_metrics", "parse_choice",
-            "score_question", "option_logits", "generate_choices", "ALPHAS", "FIXED_MU", "LEARNING_RATES", "NO_MASK_ALPHA",
-            "PROTOCOLS")
+            "score_question", "score_questions", "scoring_batches", "option_logits", "questions_option_logits",
+            "generate_choices", "ALPHAS", "FIXED_MU", "LEARNING_RATES", "NO_MASK_ALPHA", "PROTOCOLS")
 _STATISTICS = ("bootstrap_ci", "bootstrap_ratio_ci", "paired_test", "summarise_cell")
 
 __all__ = ["data", "models", "metric_names", *_HARNESS, *_STATISTICS]

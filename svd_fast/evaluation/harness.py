@@ -26,6 +26,7 @@ from .. import ops
 from ..adaptation.calibration import CONFIG_NAME, CalibrationResult, calibrate_sweep
 from ..decoding.batching import collate
 from ..decoding import SteeredModel
+from ..distributed import barrier, gather_objects, is_main, rank_and_world
 from . import data as datasets_
 from ..statistics import summarise_cell
 
@@ -107,39 +108,52 @@ def variants(calibrations):
 
 
 @torch.no_grad()
-def option_logits(steered, tokenizer, prompt, options):
-    """(z_adapted, z_base, targets, lengths): logits predicting each option token, [sum of lengths, V]."""
+def questions_option_logits(steered, tokenizer, questions):
+    """For each question, (z_adapted, z_base, targets, lengths): the logits predicting each option token,
+    [sum of its option lengths, V], its option tokens and their counts. One forward over the left-padded
+    prompts, then one over every option of every question, right-padded, continuing the prompts' KV cache
+    (without a cache: the whole sequences). Memory: the second forward's logits, 2 x (options in the batch)
+    x (longest option) x V floats.
+
+    Left padding changes nothing for routes whose positions come from the attention mask. Prompt learning
+    counts positions from the first virtual token, pads included (PEFT's forward): there, give questions
+    whose prompts have the same token count (`scoring_batches` does)."""
     device = steered.model.get_base_model().device
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    option_ids = [tokenizer(" " + o, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-                  for o in options]
-    k = len(options)
-    ids = torch.tensor([prompt_ids], device=device)
-    za_prompt, zb_prompt, cache = steered.logits_pair(ids, logits_to_keep=1)
-    cont, cont_mask = collate(option_ids, tokenizer.pad_token_id, "right")
-    if cache is not None:  # every option continues the prompt's cache
-        cache.reorder_cache(torch.zeros(k, dtype=torch.long, device=device))
-        mask = torch.cat([torch.ones(k, len(prompt_ids), dtype=torch.long), cont_mask], 1).to(device)
+    pad = tokenizer.pad_token_id
+    prompts = [tokenizer(q.prompt)["input_ids"] for q in questions]
+    option_ids = [[tokenizer(" " + o, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+                   for o in q.options] for q in questions]
+    ids, prompt_mask = collate(prompts, pad, "left")
+    za_prompt, zb_prompt, cache = steered.logits_pair(ids.to(device), prompt_mask.to(device), logits_to_keep=1)
+    owner = torch.tensor([i for i, options in enumerate(option_ids) for _ in options])
+    cont, cont_mask = collate([o for options in option_ids for o in options], pad, "right")
+    mask = torch.cat([prompt_mask[owner], cont_mask], 1).to(device)
+    if cache is not None:  # every option continues its prompt's cache
+        cache.reorder_cache(owner.to(device))
         z_a, z_b, _ = steered.logits_pair(cont.to(device), mask, cache=cache)
         offset = 0
     else:
-        full = torch.cat([ids.cpu().expand(k, -1), cont], 1)
-        mask = torch.cat([torch.ones(k, len(prompt_ids), dtype=torch.long), cont_mask], 1)
-        z_a, z_b, _ = steered.logits_pair(full.to(device), mask.to(device))
-        offset = len(prompt_ids)
-    rows_a, rows_b = [], []
-    for j, opt in enumerate(option_ids):
-        rows_a += [za_prompt[0, -1:], z_a[j, offset:offset + len(opt) - 1]]
-        rows_b += [zb_prompt[0, -1:], z_b[j, offset:offset + len(opt) - 1]]
-    targets = torch.tensor([t for opt in option_ids for t in opt], device=device)
-    return torch.cat(rows_a), torch.cat(rows_b), targets, [len(o) for o in option_ids]
+        z_a, z_b, _ = steered.logits_pair(torch.cat([ids[owner], cont], 1).to(device), mask)
+        offset = ids.shape[1]
+    out, row = [], 0
+    for i, options in enumerate(option_ids):
+        rows_a, rows_b = [], []
+        for option in options:
+            rows_a += [za_prompt[i, -1:], z_a[row, offset:offset + len(option) - 1]]
+            rows_b += [zb_prompt[i, -1:], z_b[row, offset:offset + len(option) - 1]]
+            row += 1
+        targets = torch.tensor([t for option in options for t in option], device=device)
+        out.append((torch.cat(rows_a), torch.cat(rows_b), targets, [len(o) for o in options]))
+    return out
 
 
-@torch.no_grad()
-def score_question(steered, tokenizer, question, scored):
-    """({variant: [summed log-probability of each option]}, option lengths in tokens) for 'adapter', 'base'
-    and the `scored` variants."""
-    z_a, z_b, targets, lengths = option_logits(steered, tokenizer, question.prompt, question.options)
+def option_logits(steered, tokenizer, prompt, options):
+    """(z_adapted, z_base, targets, lengths) of one question (see questions_option_logits)."""
+    return questions_option_logits(steered, tokenizer, [datasets_.Question("", prompt, tuple(options), 0)])[0]
+
+
+def _option_sums(logits_pair, scored):
+    z_a, z_b, targets, lengths = logits_pair
     segments = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device),
                                        torch.tensor(lengths, device=targets.device))
 
@@ -152,6 +166,30 @@ def score_question(steered, tokenizer, question, scored):
     for name, (mu, alpha) in scored.items():
         out[name] = sums(ops.steer_logits(z_a, z_b, mu, alpha, "keep"))
     return out, lengths
+
+
+@torch.no_grad()
+def score_questions(steered, tokenizer, questions, scored):
+    """For each question, ({variant: [summed log-probability of each option]}, option lengths in tokens) for
+    'adapter', 'base' and the `scored` variants ({name: (mu, alpha)}), from one batched pair of forwards."""
+    return [_option_sums(pair, scored) for pair in questions_option_logits(steered, tokenizer, questions)]
+
+
+def score_question(steered, tokenizer, question, scored):
+    """score_questions for one question."""
+    return score_questions(steered, tokenizer, [question], scored)[0]
+
+
+def scoring_batches(steered, tokenizer, questions, batch_size):
+    """Lists of question indices, at most batch_size each, in order; for prompt learning (positions counted
+    over the padding) only questions whose prompts have the same token count share a batch, so that batched
+    scores equal one-at-a-time ones on every route."""
+    if not steered.peft_config.is_prompt_learning:
+        return [list(range(i, min(i + batch_size, len(questions)))) for i in range(0, len(questions), batch_size)]
+    by_length = {}
+    for i, q in enumerate(questions):
+        by_length.setdefault(len(tokenizer(q.prompt)["input_ids"]), []).append(i)
+    return [group[j:j + batch_size] for group in by_length.values() for j in range(0, len(group), batch_size)]
 
 
 def _normalise(text):
@@ -324,18 +362,21 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log, device, d
     # reduce="nll": every alpha's exact strength beside the first-order ones; fill="keep", as the options are scored
     calibrations = calibrate_sweep(peft_model, tokenizer, calib, ALPHAS + (NO_MASK_ALPHA,), reduce="nll", fill="keep",
                                    progress=progress)
-    peft_model.save_pretrained(folder)
-    np.save(os.path.join(folder, "mu_star.npy"), calibrations[ALPHAS[0]].values.numpy())
-    _write_calibrated(folder, calibrations)
+    if is_main():  # every rank trained and calibrated the same adapter (data parallel, sharded calibration)
+        peft_model.save_pretrained(folder)
+        np.save(os.path.join(folder, "mu_star.npy"), calibrations[ALPHAS[0]].values.numpy())
+        _write_calibrated(folder, calibrations)
+    barrier()
     return peft_model, tokenizer, calibrations
 
 
 def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="loglik", cache=None, progress=True,
-        log=None, device="cpu", dtype=None):
+        log=None, device="cpu", dtype=None, score_batch_size=8):
     """Runs the jobs (skipping finished stages) and writes results.json, results.md and plots/ under `out`.
     device and dtype: where the model runs and its weights' dtype (models.load: "auto", "cpu", "cuda";
     "auto", "float32", "bfloat16", "float16"; None: float32). A run folder keeps its dtype: resuming it
-    with another is refused, as any other change of settings."""
+    with another is refused, as any other change of settings. score_batch_size: questions per scoring forward
+    (bounds memory; the scores do not depend on it, see questions_option_logits)."""
     from . import models
     from ..adaptation.training import METHODS
 
@@ -353,6 +394,8 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
             if b not in datasets_.BENCHMARKS:
                 raise ValueError(f"unknown benchmark {b!r}: choose from {', '.join(datasets_.BENCHMARKS)}")
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    if not is_main():  # under torchrun rank 0 reports and writes; every rank computes its share
+        log, progress = (lambda message: None), False
     device = models.resolve_device(device)
     dtype = torch.float32 if dtype is None else models.resolve_dtype(dtype, device)
     base_path = models.resolve(model, cache, progress)
@@ -371,22 +414,28 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
         if not pending:
             log(f"[{job.name}] all {len(job.eval_on)} {protocol} cells done: skipping")
             continue
-        _write_json(settings_path, settings)
+        if is_main():
+            _write_json(settings_path, settings)
         try:
             peft_model, tokenizer, calibrations = _prepare_adapter(job, base_path, questions, folder, progress, log,
                                                                    device, dtype)
             for benchmark in pending:
-                _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log)
+                _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log,
+                          score_batch_size)
             del peft_model
         except (FloatingPointError, RuntimeError, ValueError) as err:  # one job failing keeps the others' results
+            if rank_and_world()[1] > 1:
+                raise  # the other ranks would wait for this one in the next collective
             failed[job.name] = f"{type(err).__name__}: {err}"
             log(f"[{job.name}] FAILED, moving on (a rerun retries it): {failed[job.name]}")
     results = collect(out)
     results["failed"] = failed
-    _write_json(os.path.join(out, "results.json"), results)
-    from .report import write_report
+    if is_main():
+        _write_json(os.path.join(out, "results.json"), results)
+        from .report import write_report
 
-    write_report(results, out)
+        write_report(results, out)
+    barrier()
     return results
 
 
@@ -418,25 +467,38 @@ def _cell_path(out, job, benchmark, protocol):
     return os.path.join(out, "cells", f"{job.name}__{benchmark}{suffix}.json")
 
 
-def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log):
+def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log,
+              score_batch_size=8):
     test = questions.split(benchmark, job.template).test
     scored = variants(calibrations)
     steered = SteeredModel(peft_model, mu=0.0, alpha=ALPHAS[0], fill="keep")
     mu_bar = scored["steered"][0]
     log(f"[{job.name}] {benchmark}: {len(test)} test questions, mu_bar {mu_bar:+.3f} ({steered.mode})")
-    per_question = []
+    rank, world = rank_and_world()
+    shard = list(range(rank, len(test), world))  # under torchrun each rank scores its share; rank 0 gathers
+    local = {}
     if protocol == "loglik":
-        for q in tqdm(test, total=len(test), desc=f"{job.name} / {benchmark}", unit="q", disable=not progress):
-            sums, lengths = score_question(steered, tokenizer, q, scored)
-            per_question.append({name: question_metrics(q, s, lengths) for name, s in sums.items()})
+        with tqdm(total=len(shard), desc=f"{job.name} / {benchmark}", unit="q", disable=not progress) as bar:
+            for batch in scoring_batches(steered, tokenizer, [test[i] for i in shard], score_batch_size):
+                batch = [shard[j] for j in batch]
+                for i, (sums, lengths) in zip(batch, score_questions(steered, tokenizer, [test[i] for i in batch],
+                                                                     scored)):
+                    local[i] = ({name: question_metrics(test[i], s, lengths) for name, s in sums.items()}, None)
+                bar.update(len(batch))
     else:
         settings = {"adapter": (0.0, ALPHAS[0], "keep"), "steered": (mu_bar, ALPHAS[0], float("-inf")),
                     "no_mask": (scored["no_mask"][0], NO_MASK_ALPHA, float("-inf"))}
-        answers = generate_choices(steered, tokenizer, test, settings, progress=progress,
+        answers = generate_choices(steered, tokenizer, [test[i] for i in shard], settings, progress=progress,
                                    desc=f"{job.name} / {benchmark} (generate)")
-        for i, q in enumerate(test):
-            per_question.append({name: {"acc": float(answers[name][i][0] == q.label)} for name in settings})
-        generated = [{name: answers[name][i][1] for name in settings} for i in range(len(test))]
+        for j, i in enumerate(shard):
+            local[i] = ({name: {"acc": float(answers[name][j][0] == test[i].label)} for name in settings},
+                        {name: answers[name][j][1] for name in settings})
+    gathered = {i: result for part in gather_objects(local) for i, result in part.items()}
+    if not is_main():
+        barrier()  # rank 0 writes the cell
+        return
+    per_question = [gathered[i][0] for i in range(len(test))]
+    generated = [gathered[i][1] for i in range(len(test))]
     cell = {"job": job.name, "method": job.method, "epochs": job.epochs, "benchmark": benchmark,
             "protocol": protocol, "n": len(test), "mu_bar": mu_bar, "mode": steered.mode,
             "variants": {name: {"mu": mu, "alpha": alpha} for name, (mu, alpha) in scored.items()},
@@ -444,6 +506,7 @@ def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, que
     if protocol == "generate":
         cell["generated"] = generated
     _write_json(_cell_path(out, job, benchmark, protocol), cell)
+    barrier()
     s = cell["summary"]
     line = ", ".join(f"{m} {s[m]['adapter']['mean']:.3f} -> {s[m]['steered']['mean']:.3f} (p={s[m]['p']:.2f})"
                      for m in datasets_.metric_names(benchmark))
