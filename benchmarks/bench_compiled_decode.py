@@ -27,6 +27,7 @@ from svd_fast import models
 from svd_fast.adaptation.training import preset_config
 from svd_fast.decoding import SteeredModel
 
+from interleaved import time_interleaved
 from machine import describe
 
 NEW_TOKENS = 64
@@ -107,17 +108,11 @@ def test_compiled_decode(benchmark, lora_model, batch):
         expected = run()
         compile_seconds[mode] = time.perf_counter() - t0
         assert expected.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
-    seconds = {mode: [] for mode in MODES}
 
-    def one_round():
-        start = len(seconds[MODES[0]]) % len(MODES)
-        for mode in MODES[start:] + MODES[:start]:
-            t0 = time.perf_counter()
-            out = runners[mode]()
-            seconds[mode].append(time.perf_counter() - t0)
-            assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
+    def check(out):
+        assert out.shape == (batch, PROMPT_TOKENS + NEW_TOKENS)
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    seconds = time_interleaved(benchmark, runners, ROUNDS, check)
     benchmark.extra_info.update(model=lora_model.bench_name, batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, first_call_seconds=compile_seconds,
                                 torch=torch.__version__, transformers=transformers.__version__,
                                 machine=describe(DEVICE))

@@ -13,8 +13,6 @@ per-mode times sit in extra_info["seconds"].
     python -m pytest benchmarks/bench_cpu_decode.py --benchmark-json=benchmarks/results/cpu-decode.json
     python benchmarks/report_cpu_decode.py benchmarks/results/cpu-decode.json
 """
-import time
-
 import pytest
 import torch
 from peft import get_peft_model
@@ -24,6 +22,7 @@ from svd_fast.decoding.cpu_linear import small_batch_linears
 from svd_fast.decoding import SteeredModel
 from svd_fast.adaptation.training import preset_config
 
+from interleaved import time_interleaved
 from machine import describe
 
 NEW_TOKENS = 64
@@ -68,16 +67,10 @@ def test_cpu_decode(benchmark, lora_model, batch):
     runners = {mode: runner(lora_model, mode, inputs) for mode in MODES}
     for run in runners.values():  # warm-up
         run()
-    seconds = {mode: [] for mode in MODES}
 
-    def one_round():
-        start = len(seconds[MODES[0]]) % len(MODES)
-        for mode in MODES[start:] + MODES[:start]:
-            t0 = time.perf_counter()
-            out = runners[mode]()
-            seconds[mode].append(time.perf_counter() - t0)
-            assert out.shape == (batch, 16 + NEW_TOKENS)
+    def check(out):
+        assert out.shape == (batch, 16 + NEW_TOKENS)
 
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    seconds = time_interleaved(benchmark, runners, ROUNDS, check)
     benchmark.extra_info.update(batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, torch=torch.__version__,
                                 machine=describe())
