@@ -12,7 +12,12 @@ per-mode times sit in extra_info["seconds"].
 
     python -m pytest benchmarks/bench_cpu_decode.py --benchmark-json=benchmarks/results/cpu-decode.json
     python benchmarks/report_cpu_decode.py benchmarks/results/cpu-decode.json
+
+SVD_FAST_BENCH_MODEL=gemma3-270m runs it on Gemma 3 270M (vocabulary 262,144) instead;
+SVD_FAST_BENCH_NEW_TOKENS and SVD_FAST_BENCH_ROUNDS shorten a run (the report says what ran).
 """
+import os
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -25,14 +30,15 @@ from svd_fast.adaptation.training import preset_config
 from interleaved import time_interleaved
 from machine import describe
 
-NEW_TOKENS = 64
-ROUNDS = 9
+MODEL = os.environ.get("SVD_FAST_BENCH_MODEL", models.DEFAULT_MODEL)  # or gemma3-270m
+NEW_TOKENS = int(os.environ.get("SVD_FAST_BENCH_NEW_TOKENS", "64"))
+ROUNDS = int(os.environ.get("SVD_FAST_BENCH_ROUNDS", "9"))
 MODES = ("plain_stock", "plain_kernel", "steered_stock", "steered_kernel")
 
 
 @pytest.fixture(scope="module")
 def lora_model():
-    model, _ = models.load()
+    model, _ = models.load(MODEL)
     torch.manual_seed(0)
     config = preset_config("lora", model)
     config.init_lora_weights = False  # a non-zero adapter, as after a warm start
@@ -72,5 +78,5 @@ def test_cpu_decode(benchmark, lora_model, batch):
         assert out.shape == (batch, 16 + NEW_TOKENS)
 
     seconds = time_interleaved(benchmark, runners, ROUNDS, check)
-    benchmark.extra_info.update(batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, torch=torch.__version__,
+    benchmark.extra_info.update(model=MODEL, batch=batch, new_tokens=NEW_TOKENS, seconds=seconds, torch=torch.__version__,
                                 machine=describe())

@@ -22,7 +22,8 @@ import svd_fast
 from machine import describe
 
 THREADS = 2
-SHAPES = [(1536, 576), (576, 1536), (49152, 576)]  # [out, in]: SmolLM2-135M's MLP up, down and LM head
+# [out, in]: SmolLM2-135M's MLP up, down and LM head; Gemma 3 270M's LM head (-k 262144 for it alone)
+SHAPES = [(1536, 576), (576, 1536), (49152, 576), (262144, 640)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # "kernel": as small_batch_linears() calls it (the widest ISA); "kernel-avx2": the AVX2 path forced, on a
 # CPU that has a wider one (a forced ISA runs the kernel for every row count, bf16 included)

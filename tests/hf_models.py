@@ -35,6 +35,13 @@ def tiny_model(arch="llama", seed=0, tie=False):
         cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=256, **common)
         model = Qwen2ForCausalLM(cfg)
+    elif arch == "gemma3":  # a sliding-window layer (window 4) and a full-attention one, as Gemma 3 alternates them
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=1, head_dim=8, sliding_window=4, max_position_embeddings=256,
+                               layer_types=["sliding_attention", "full_attention"], **common)
+        model = Gemma3ForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
         model = GPT2LMHeadModel(cfg)

@@ -176,6 +176,20 @@ def test_batched_scoring_equals_one_question_at_a_time(method, one_forward):
             np.testing.assert_allclose(sums[name], ref_sums[name], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "ptuning_v2"])
+def test_generated_answers_do_not_depend_on_the_batch(method):
+    """The generation protocol batches as scoring does: prompt learning (positions over the padding) only
+    with prompts of equal length, so a question's answer is the same alone or in any batch (and on any
+    number of ranks, which shard the questions)."""
+    tok = char_tokenizer()
+    steered = SteeredModel(_peft(method), mu=0.0, fill="keep")
+    questions = [data.Question("arc_easy", f"Q{i}: {'x' * (i % 3)}{i}+1=?", ("12", "3", "45"), 0) for i in range(6)]
+    settings = {"adapter": (0.0, 0.1, "keep"), "steered": (2.0, 0.1, float("-inf"))}
+    together = evaluation.generate_choices(steered, tok, questions, settings, batch_size=8)
+    alone = evaluation.generate_choices(steered, tok, questions, settings, batch_size=1)
+    assert together == alone
+
+
 def test_metrics_follow_the_standard_definitions():
     tqa = data.Question("truthfulqa", "Q: x\nA:", ("t0", "t1", "f0", "f1"), label=1, n_true=2)
     m = evaluation.question_metrics(tqa, [-1.0, -3.0, -2.0, -4.0], [1, 1, 1, 1])
@@ -269,7 +283,8 @@ def test_a_job_folder_is_a_calibrated_adapter_for_every_command(fake_world, tmp_
     first = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
     folder = os.path.join(out, "adapters", job.name)
     cal = CalibrationResult.load(folder)
-    assert (cal.reduce, cal.alpha) == ("mean", 0.1) and cal.mu_bar == pytest.approx(first["cells"][0]["mu_bar"])
+    assert (cal.reduce, cal.alpha, cal.fill) == ("mean", 0.1, float("-inf"))  # as the demo's generation steers
+    assert cal.mu_bar == pytest.approx(first["cells"][0]["mu_bar"])
     assert not os.path.exists(os.path.join(folder, "calibration.json"))
     assert cli.main(["generate", "--model", base, "--adapter", folder, "--prompt", "1+1=?", "--max-new-tokens", "2"]) == 0
     assert f"(mu={cal.mu_bar:.4g})" in capsys.readouterr().out

@@ -37,7 +37,7 @@ def assert_rows_over_cached_steps(steered, expected_pair, steps):
     return want_a, want_b
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("method", METHODS)
 def test_rows_equal_base_and_peft_model_over_16_cached_steps(method, arch):
     model = adapted(arch, method)

@@ -25,8 +25,8 @@ MODES = {"greedy": dict(do_sample=False), "sampling": dict(do_sample=True, top_k
          "beam": dict(do_sample=False, num_beams=3, num_return_sequences=2)}
 
 
-def steered_for(method, attention="sdpa"):
-    model = adapted("llama", method)
+def steered_for(method, attention="sdpa", arch="llama"):
+    model = adapted(arch, method)
     model.get_base_model().config._attn_implementation = attention
     steered = SteeredModel(model, mu=2.0, alpha=0.3)
     assert steered.route == ROUTE_OF[method]
@@ -66,6 +66,17 @@ def test_static_cache_decodes_as_the_dynamic_one(method, attention, mode):
     assert isinstance(static.past_key_values, PairedStaticCache)
     rows = len(PROMPTS) * MODES[mode].get("num_beams", 1)
     assert static.past_key_values.layers[0].keys.shape[0] == 2 * rows  # adapted and base rows
+    assert_same_decoding(static, dynamic)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2"])
+def test_static_cache_with_sliding_window_layers(method, mode):
+    """A tiny Gemma 3 (a sliding-window layer of window 4, a full-attention one): static sliding layers keep
+    the last 4 positions, the padded mask still covers the whole sequence."""
+    steered = steered_for(method, arch="gemma3")
+    dynamic = generate(steered, **MODES[mode])
+    static = generate(steered, cache_implementation="static", **MODES[mode])
     assert_same_decoding(static, dynamic)
 
 

@@ -109,10 +109,11 @@ def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-
                                          f"lower lr (now {lr})")
             if share:
                 (loss / total[1].clamp(min=1)).backward()
-            for p in trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                all_reduce_sum(p.grad)
+            if world > 1:  # every rank sums every gradient, also a rank without examples in this batch
+                for p in trainable:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    all_reduce_sum(p.grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running, running_tokens = running + total[0].item(), running_tokens + int(total[1].item())

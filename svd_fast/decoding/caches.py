@@ -72,9 +72,13 @@ class PairedStaticCache(PairedRows, StaticCache):
         return torch.nn.functional.pad(attention_mask, (0, self.positions - self.virtual_tokens - attention_mask.shape[1]))
 
     def store(self, cache):
-        """Writes a (dynamic) cache's keys and values, prefix tuning's virtual tokens, into the first positions."""
+        """Writes a dynamic cache of the `virtual_tokens` prefix-tuning positions into the first positions. A
+        sliding-window layer of it keeps only the last window - 1 of them: the older ones are stored as zeros,
+        which no later query's window reaches, so that every layer counts all the virtual positions."""
         for index, layer in enumerate(cache.layers):
-            self.update(layer.keys, layer.values, index)
+            dropped = (0, 0, self.virtual_tokens - layer.keys.shape[-2], 0)
+            self.update(torch.nn.functional.pad(layer.keys, dropped), torch.nn.functional.pad(layer.values, dropped),
+                        index)
 
 
 class TwoCaches(DynamicCache):

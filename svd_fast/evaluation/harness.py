@@ -211,15 +211,17 @@ def parse_choice(generated, options):
 @torch.no_grad()
 def generate_choices(steered, tokenizer, questions, settings, batch_size=8, progress=False, desc=None):
     """The paper's generation protocol: greedy answers after "the correct answer is", parsed to an option.
-    settings: {variant: (mu, alpha, fill)}. Returns {variant: [(parsed index, text), ...]}."""
+    settings: {variant: (mu, alpha, fill)}. Returns {variant: [(parsed index, text), ...]} in question order.
+    Batches as `scoring_batches` does (prompt learning: equal prompt lengths only), so the answers do not
+    depend on which questions share a batch."""
     device = steered.model.get_base_model().device
-    out = {name: [] for name in settings}
+    answers = {name: [None] * len(questions) for name in settings}
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        starts = range(0, len(questions), batch_size)
-        for start in tqdm(starts, total=len(starts), desc=desc, unit="batch", disable=not progress):
-            chunk = questions[start:start + batch_size]
+        groups = scoring_batches(steered, tokenizer, questions, batch_size)
+        for batch in tqdm(groups, total=len(groups), desc=desc, unit="batch", disable=not progress):
+            chunk = [questions[i] for i in batch]
             enc = tokenizer([q.prompt for q in chunk], return_tensors="pt", padding=True).to(device)
             longest = max(len(tokenizer(" " + o, add_special_tokens=False)["input_ids"]) for q in chunk
                           for o in q.options)
@@ -228,10 +230,11 @@ def generate_choices(steered, tokenizer, questions, settings, batch_size=8, prog
                 seq = steered.generate(**enc, max_new_tokens=longest + 1, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)
                 texts = tokenizer.batch_decode(seq[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-                out[name] += [(parse_choice(t, q.options), t) for t, q in zip(texts, chunk)]
+                for i, text, q in zip(batch, texts, chunk):
+                    answers[name][i] = (parse_choice(text, q.options), text)
     finally:
         tokenizer.padding_side = side
-    return out
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,10 +316,12 @@ def calibration_sweep(folder):
 
 
 def _write_calibrated(folder, calibrations):
-    """steering_config.json of a job: alpha 0.1's calibration with the paper's mean as its strength (what
-    `svd-fast generate --adapter` steers with), and the sweep. Written last: it marks the job's adapter done."""
+    """steering_config.json of a job: alpha 0.1's calibration with the paper's mean as its strength and the -inf
+    fill (what `svd-fast generate --adapter` steers with, as the demo's generation does), and the sweep. Written last: it marks the job's adapter done."""
     main = calibrations[ALPHAS[0]]
-    config = dataclasses.replace(main, mu_bar=main.reductions["mean"], reduce="mean").to_dict()
+    # mu* does not depend on the fill; decoding steers with the -inf mask (the NLL fields stay those of the
+    # exact strength, fitted with fill="keep" for scoring)
+    config = dataclasses.replace(main, mu_bar=main.reductions["mean"], reduce="mean", fill=float("-inf")).to_dict()
     config[SWEEP_KEY] = {str(a): c.to_dict() for a, c in calibrations.items()}
     _write_json(os.path.join(folder, CONFIG_NAME), config)
 
@@ -398,7 +403,10 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
         log, progress = (lambda message: None), False
     device = models.resolve_device(device)
     dtype = torch.float32 if dtype is None else models.resolve_dtype(dtype, device)
-    base_path = models.resolve(model, cache, progress)
+    if is_main():  # a packaged model is converted once, by rank 0, before the others read it
+        models.resolve(model, cache, progress)
+    barrier()
+    base_path = models.resolve(model, cache, progress=False)
     questions = _Questions(sizes, cache)
     for job in jobs:  # load every split first: a missing package fails before hours of training
         for b in set(job.train_on + job.eval_on):
@@ -409,7 +417,11 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
         folder = os.path.join(out, "adapters", job.name)
         settings_path = os.path.join(folder, "settings.json")
         if os.path.exists(settings_path) and _read_json(settings_path) != settings:
-            raise ValueError(f"{folder} holds a run with other settings: use another --out, or delete it to redo it")
+            differing = sorted(k for k in set(settings) | set(_read_json(settings_path))
+                               if settings.get(k) != _read_json(settings_path).get(k))
+            raise ValueError(f"{folder} holds a run with other settings ({', '.join(differing)} differ; a dtype "
+                             "other than float32, e.g. --dtype auto on CUDA, counts too): use another --out, or "
+                             "delete it to redo it")
         pending = [b for b in job.eval_on if not os.path.exists(_cell_path(out, job, b, protocol))]
         if not pending:
             log(f"[{job.name}] all {len(job.eval_on)} {protocol} cells done: skipping")

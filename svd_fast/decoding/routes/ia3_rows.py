@@ -28,13 +28,11 @@ class IA3Rows(PerRowSplit):
         return bool(layers) and all(isinstance(m, Linear) and not m.merged and adapter in m.ia3_l for m in layers)
 
     def _row_forward(self, layer, adapter):
-        scale = layer.ia3_l[adapter]
-
         def forward(x, *args, **kwargs):
             if layer.disable_adapters:
                 return layer.base_layer(x, *args, **kwargs)
             check_unmerged(layer)
-            n = self.rows.of(x, layer)
+            n, scale = self.rows.of(x, layer), layer.ia3_l[adapter]
             if layer.is_feedforward:
                 scaled = (x[:n].to(scale.dtype) * scale.flatten()).to(x.dtype)
                 return layer.base_layer(torch.cat([scaled, x[n:]]), *args, **kwargs)
