@@ -12,7 +12,7 @@ def main(path):
     runs = sorted(data["benchmarks"], key=lambda b: b["extra_info"]["batch"])
     info = runs[0]["extra_info"]
     rounds = len(info["seconds"][MODES[0]])
-    print(f"{info.get('model', 'smollm2-135m-instruct')} + LoRA, {info['new_tokens']} new tokens, greedy; {info['machine']}, torch {info['torch']}; "
+    print(f"{info.get('model', 'smollm2-135m-instruct')} + LoRA, {info['new_tokens']} new tokens, greedy; {info['machine']}; "
           f"tokens/s from the median of {rounds} rounds, the four modes interleaved in each round, one run; "
           "the last column is the median over rounds of each round's ratio (modes run side by side in time).\n")
     print("| batch | plain, stock | plain + kernel | steered, stock | steered + kernel | steered + kernel / plain stock "
