@@ -355,7 +355,7 @@ def cmd_demo(args):
 
 
 def _add_placement(parser, scoring=False):
-    from .evaluation.models import DEVICES, DTYPES
+    from .devices import DEVICES, DTYPES
 
     if scoring:
         parser.add_argument("--score-batch-size", type=_positive_int, default=8,

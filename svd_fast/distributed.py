@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .devices import resolve_device
+
 
 def rank_and_world():
     """(rank, world size); (0, 1) without torch.distributed."""
@@ -68,8 +70,6 @@ def process_group_from_torchrun(device="auto"):
         return
     cuda = device in ("auto", "cuda") and torch.cuda.is_available() or str(device).startswith("cuda")
     if cuda:
-        from .evaluation.models import resolve_device
-
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         resolve_device(device)  # a GPU this process lacks: one clear error, before any CUDA call
         torch.cuda.set_device(device)
