@@ -83,15 +83,16 @@ def test_data_parallel_warm_start_equals_one_process(tmp_path, method, batch_siz
 # The evaluation harness: warm start, calibration and scoring sharded, results gathered on rank 0.
 
 
-def fake_world(root):
-    """A tiny base model folder and question pools in place of the packaged benchmarks."""
+def fake_world(root, patch):
+    """A tiny base model folder, and question pools in place of the packaged benchmarks (patch(module, name,
+    value) installs them: pytest's monkeypatch in the test's own process, setattr in a spawned one)."""
     folder = os.path.join(root, "base")
     if not os.path.isdir(folder):
         tiny_model("llama").save_pretrained(folder)
         char_tokenizer().save_pretrained(folder)
     pool = {b: [data.Question(b, f"{b} {i}: {i % 3}+1=? Answer: {'the correct answer is' * (i % 2)}", ("1", "2", "3"),
                               (i + 1) % 3) for i in range(30)] for b in ("arc_easy", "piqa")}
-    data.load_benchmark = lambda name, cache=None, template="cloze": pool[name]
+    patch(data, "load_benchmark", lambda name, cache=None, template="cloze": pool[name])
     return folder
 
 
@@ -100,18 +101,18 @@ JOBS = [evaluation.Job("ia3", train_on=("arc_easy", "piqa"), eval_on=("arc_easy"
 
 
 def _evaluate_on_rank(rank, root):
-    base = fake_world(root)
+    base = fake_world(root, setattr)  # a spawned process of its own: the patch ends with it
     results = evaluation.run(JOBS, os.path.join(root, "run2"), SIZES, model=base, progress=False, log=lambda m: None,
                              score_batch_size=3)
     with open(os.path.join(root, f"cells{rank}.json"), "w") as f:
         json.dump(results["cells"], f)
 
 
-def test_evaluation_on_two_processes_equals_one(tmp_path):
+def test_evaluation_on_two_processes_equals_one(tmp_path, monkeypatch):
     """IA3 and prompt tuning (no dropout): the cells written by rank 0 of a 2-process run, and what every rank
     returns, equal a one-process run's; a rerun of the finished run redoes nothing."""
     root = str(tmp_path)
-    base = fake_world(root)
+    base = fake_world(root, monkeypatch.setattr)
     single = evaluation.run(JOBS, os.path.join(root, "run1"), SIZES, model=base, progress=False, log=lambda m: None)
     run_on_two_processes(_evaluate_on_rank, root)
     for rank in range(2):

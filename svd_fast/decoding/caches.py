@@ -27,7 +27,8 @@ class PairedRows:
         stored = super().get_seq_length(*args, **kwargs)
         if self._in_model_forward or not self.virtual_tokens:
             return stored
-        return (stored - self.virtual_tokens).clamp(min=0) if torch.is_tensor(stored) else max(0, stored - self.virtual_tokens)
+        real = stored - self.virtual_tokens  # a tensor for static caches (compiled steps read it)
+        return real.clamp(min=0) if torch.is_tensor(real) else max(0, real)
 
     def stored_length(self):
         return super().get_seq_length()
