@@ -50,15 +50,6 @@ def barrier():
         torch.distributed.barrier()
 
 
-def broadcast_object(obj):
-    """Rank 0's object, on every rank."""
-    if rank_and_world()[1] == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @contextlib.contextmanager
 def process_group_from_torchrun(device="auto"):
     """Under torchrun (WORLD_SIZE > 1 in the environment) a process group for the length of the block: NCCL

