@@ -124,6 +124,51 @@ def test_nll_strength_is_the_exact_minimiser(fill, method):
         assert cal.nll_curve["loss"][zero] == pytest.approx(float(ce), rel=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_cached_answer_logits_give_the_same_calibration_with_one_forward(method, monkeypatch):
+    """Newton passes from the kept answer-position logits equal those that run the models again (cache_bytes=0,
+    memory bounded by one batch), and the cached run teacher-forces the calibration set once."""
+    from svd_fast.decoding import SteeredModel
+
+    model, tok = adapted("llama", method), char_tokenizer()
+    forwards = []
+    original = SteeredModel.logits_pair
+    monkeypatch.setattr(SteeredModel, "logits_pair", lambda self, *a, **k: forwards.append(1) or original(self, *a, **k))
+    kept = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill="keep", batch_size=2, progress=False)
+    cached_forwards, forwards[:] = len(forwards), []
+    again = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill="keep", batch_size=2, progress=False,
+                               cache_bytes=0)
+    assert cached_forwards == 3 and len(forwards) == 3 * (1 + len(again.nll_trace))  # 3 batches a pass
+    assert kept.nll_trace and kept.to_dict() == again.to_dict()
+    too_small = svd_fast.calibrate(model, tok, EXAMPLES, alpha=0.3, reduce="nll", fill="keep", batch_size=2,
+                                   progress=False, cache_bytes=1)  # dropped after the first batch
+    assert too_small.to_dict() == kept.to_dict()
+
+
+def test_answer_positions_keep_each_rows_answer_in_order():
+    z = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    targets = torch.tensor([[-100, -100, 7, 8, -100], [-100, 4, -100, -100, -100]])
+    from svd_fast.adaptation.calibration import answer_positions
+
+    z_a, z_b, t = answer_positions(z, z + 100, targets)
+    assert t.tolist() == [[7, 8], [4, -100]]
+    assert torch.equal(z_a[0], z[0, 2:4]) and torch.equal(z_a[1, 0], z[1, 1]) and torch.equal(z_b[0], z[0, 2:4] + 100)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt", "ptuning_v2"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_answer_nll_equals_the_cross_entropy_at_the_answer_positions(method, arch):
+    """answer_nll (the learning-rate sweep's criterion; the warm start's loss, whose LM head runs only at the
+    answer-predicting columns) against the full logits of one example at a time, padded batches included."""
+    from svd_fast.adaptation.training import answer_nll
+
+    model, tok = adapted(arch, method), char_tokenizer()
+    z_a, _, labels = direct_positions(model, tok, EXAMPLES)
+    expected = float(torch.nn.functional.cross_entropy(z_a, labels))
+    for batch_size in (1, 3):
+        assert answer_nll(model, tok, EXAMPLES, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
+
+
 def test_nll_grid_estimate_without_refinement():
     """Other reducers still report mu_nll: the grid's Newton estimate, without extra passes."""
     model, tok = adapted("llama"), char_tokenizer()

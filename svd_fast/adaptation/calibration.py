@@ -1,8 +1,10 @@
 """Calibrating the steering strength mu once per task (SPEC 4).
 
 Teacher-force the adapted and the base model over labelled examples; at every answer position the
-fused `token_mu` op gives mu* (and its two terms); they are reduced to one scalar mu_bar. Memory is
-bounded by one batch: only the per-position scalars are kept across batches. Under torch.distributed
+fused `token_mu` op gives mu* (and its two terms); they are reduced to one scalar mu_bar. Only the answer
+positions' logits are kept from a batch ([rows, answer tokens, V]); across batches they are kept while they
+fit in `cache_bytes` (then the Newton passes below run no forward), else memory is bounded by one batch and
+the per-position scalars. Under torch.distributed
 each rank takes a shard and the per-position values are gathered, so every rank gets the same result.
 
 The likelihood-optimal strength (reduce="nll"), svd_fast's addition to SPEC 4. The first-order mu* is a
@@ -21,8 +23,8 @@ Every term is a log-sum-exp of functions affine in mu minus an affine function, 
 Under fill = -inf a position whose label is off K has infinite loss for every mu: it is left out of L
 and counted (n_nll_excluded). The fused op `svd_fast.steered_nll` gives each position's three terms for
 K strengths in one pass over its logits. The first pass evaluates L on a grid of strengths (NLL_GRID);
-with reduce="nll" safeguarded Newton steps follow (one teacher-forced pass each: memory stays bounded by
-one batch), inside the bracket where L' changes sign, until the step is below 1e-4 (1 + |mu|) (L is flat
+with reduce="nll" safeguarded Newton steps follow (one pass over the answer positions each, from the cache
+or teacher-forced again), inside the bracket where L' changes sign, until the step is below 1e-4 (1 + |mu|) (L is flat
 there: L'' per token ~0.03 on the demo, so that step changes L by ~1e-10 per token). Otherwise
 mu_nll is the grid's estimate: one Newton step from the grid's best strength, kept inside its bracket.
 """
@@ -53,6 +55,7 @@ NEWTON_TOLERANCE = 1e-4  # stop when the next Newton step is below this times (1
 MU_LIMIT = 1024.0  # |mu_nll| at most: where L still falls at the limit, its infimum lies at infinity
 CONFIG_NAME = "steering_config.json"
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+CACHE_BYTES = 4 << 30  # answer-position logits kept across the passes (calibrate_sweep's cache_bytes)
 
 
 @dataclasses.dataclass
@@ -168,8 +171,22 @@ def fingerprint(examples):
 
 
 @torch.no_grad()
+def answer_positions(z_a, z_b, targets):
+    """The rows' answer positions only: z_a, z_b [B, T, V] and targets [B, T] (-100 off the answers) ->
+    [B, A, V], [B, A, V], [B, A], A the most answer positions of a row; each row's positions in order, then
+    -100 padding. Every per-position statistic of the calibration is unchanged, on T / A times fewer rows."""
+    valid = targets != -100
+    counts = valid.sum(1)
+    width = max(int(counts.max()), 1) if targets.numel() else 1
+    order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # answer positions first
+    picked = order[..., None].expand(-1, -1, z_a.shape[-1])
+    kept = torch.arange(width, device=targets.device) < counts[:, None]
+    return z_a.gather(1, picked), z_b.gather(1, picked), torch.where(kept, targets.gather(1, order), -100)
+
+
 def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", batch_size=8, max_length=512,
-              eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True):
+              eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True,
+              cache_bytes=CACHE_BYTES):
     """Per-position mu* over the answer tokens of `calib_examples`, reduced to mu_bar (SPEC 4).
 
     calib_examples: [{"prompt": str, "answer": str}, ...], disjoint from the warm-start data.
@@ -183,7 +200,7 @@ def calibrate(peft_model, tokenizer, calib_examples, alpha=0.1, reduce="mean", b
     every position the first-order statistics are NaN (any other reducer raises ValueError then).
     """
     return calibrate_sweep(peft_model, tokenizer, calib_examples, [alpha], reduce, batch_size, max_length, eps, trim,
-                           fill, adapter_name, progress, measure_gain)[alpha]
+                           fill, adapter_name, progress, measure_gain, cache_bytes)[alpha]
 
 
 class _NllSearch:
@@ -280,8 +297,14 @@ class _NllTotals:
 
 @torch.no_grad()
 def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean", batch_size=8, max_length=512,
-                    eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True):
-    """calibrate() for several confidence masks from the same teacher-forced passes: {alpha: CalibrationResult}."""
+                    eps=1e-12, trim=0.1, fill=float("-inf"), adapter_name=None, progress=True, measure_gain=True,
+                    cache_bytes=CACHE_BYTES):
+    """calibrate() for several confidence masks from the same teacher-forced passes: {alpha: CalibrationResult}.
+
+    cache_bytes: the answer positions' logits of both models (2 x answer tokens x V x 4 bytes in float32; 1.8 GB
+    for 864 answer tokens at Gemma 3's V = 262,144) are kept after the first pass when they fit in this many
+    bytes, and the Newton passes and the gain's pass reuse them instead of running the model again (0: never;
+    memory then stays bounded by one batch)."""
     examples = check_examples(calib_examples, "calib_examples")
     alphas = list(alphas)
     if not alphas:
@@ -299,12 +322,26 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
     device = peft_model.get_base_model().device
     n_batches = math.ceil(len(shard) / batch_size)
 
+    cache = {"batches": [], "bytes": 0, "complete": False}
+
     def teacher_forced(desc):
-        """(z_a, z_b, targets) of every batch of this rank's shard: logits at t and the token at t + 1."""
+        """(z_a, z_b, targets) of every batch of this rank's shard at its answer positions only ([rows, A, V]:
+        the logits predicting each answer token, and the token). Kept in memory while they fit in cache_bytes,
+        so that the Newton passes need no forward."""
+        if cache["complete"]:
+            yield from cache["batches"]
+            return
         for input_ids, mask, labels in tqdm(batches(tokenizer, shard, batch_size, max_length), total=n_batches,
                                             desc=desc, unit="batch", disable=not (progress and rank == 0)):
             z_a, z_b, _ = steered.logits_pair(input_ids.to(device), mask.to(device))
-            yield z_a[:, :-1], z_b[:, :-1], labels[:, 1:].to(device)
+            batch = answer_positions(z_a[:, :-1], z_b[:, :-1], labels[:, 1:].to(device))
+            if cache["bytes"] is not None:
+                cache["bytes"] += sum(t.numel() * t.element_size() for t in batch)
+                cache["batches"].append(batch)
+                if cache["bytes"] > cache_bytes:
+                    cache["batches"], cache["bytes"] = [], None  # too big: every pass runs the forwards
+            yield batch
+        cache["complete"] = cache["bytes"] is not None
 
     def evaluate(strengths, desc):
         """{alpha: gathered _NllTotals at strengths[alpha]} from one pass over the calibration set."""

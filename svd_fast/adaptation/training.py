@@ -41,11 +41,18 @@ def preset_config(method, model):
 
 
 def _answer_loss_sum(peft_model, input_ids, mask, labels):
-    """The summed cross-entropy over the answer tokens (labels shifted by one), float32; and their count."""
-    logits = peft_model(input_ids=input_ids, attention_mask=mask).logits
-    logits = logits[:, -labels.shape[1]:]  # prompt tuning puts its virtual tokens' logits first
+    """The summed cross-entropy over the answer tokens (labels shifted by one), float32; and their count.
+    The LM head runs only at the columns that predict an answer token in some row (HF's logits_to_keep as
+    indices): at Gemma 3's 262,144-token vocabulary it is most of a forward over the prompt positions."""
     targets = labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+    columns = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+    config = peft_model.active_peft_config
+    if config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":  # virtual tokens come first
+        columns = columns + config.num_virtual_tokens
+    logits = peft_model(input_ids=input_ids, attention_mask=mask, logits_to_keep=columns).logits
+    if config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":
+        columns = columns - config.num_virtual_tokens
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, columns].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()
 
@@ -120,3 +127,24 @@ def warm_start(model, tokenizer, train_examples, method="lora", epochs=1, lr=5e-
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{running / max(1, running_tokens):.4f}")
     return peft_model.eval()
+
+
+@torch.no_grad()
+def answer_nll(peft_model, tokenizer, examples, batch_size=8, max_length=512):
+    """The model's cross-entropy per answer token (nats, float) over labelled examples: the warm start's
+    objective on held-out data, how the evaluation picks a method's learning rate on the calibration split.
+    Not sharded under torchrun: every rank computes the same value."""
+    examples = check_examples(examples, "examples")
+    device = peft_model.get_base_model().device
+    was_training = peft_model.training
+    peft_model.eval()
+    loss, tokens = 0.0, 0
+    try:
+        for input_ids, mask, labels in batches(tokenizer, examples, batch_size, max_length):
+            summed, count = _answer_loss_sum(peft_model, input_ids.to(device), mask.to(device), labels.to(device))
+            loss, tokens = loss + float(summed), tokens + int(count)
+    finally:
+        peft_model.train(was_training)
+    if tokens == 0:
+        raise ValueError("the examples have no answer tokens after tokenization (max_length too short?)")
+    return loss / tokens
