@@ -259,8 +259,6 @@ def _eval_jobs(args):
     from . import evaluation
     from .evaluation import data
 
-    if args.preset == "matrix":
-        return evaluation.matrix_jobs()
     jobs = []
     commonsense = tuple(b for b in args.benchmarks if b in data.COMMONSENSE)
     groups = [(b,) for b in commonsense] if args.per_benchmark else ([commonsense] if commonsense else [])
@@ -293,6 +291,9 @@ def _run_eval(args, jobs, sizes):
 
 
 def cmd_eval(args):
+    if args.preset == "matrix":
+        return _run_matrix(args)
+    args.model = args.model or DEFAULT_MODEL
     results = _run_eval(args, _eval_jobs(args), _sizes(args))
     if not is_main():
         return
@@ -300,6 +301,19 @@ def cmd_eval(args):
         print(f.read())
     print(f"results: {args.out}/results.json, {args.out}/results.md, plots in {args.out}/plots ({len(results['cells'])} "
           "cells)")
+
+
+def _run_matrix(args):
+    from .evaluation import data, matrix, models
+
+    try:
+        matrix.run_matrix(args.out, (args.model,) if args.model else matrix.MODELS, device=args.device, dtype=args.dtype,
+                          score_batch_size=args.score_batch_size)
+    except (data.MissingDataError, models.MissingModelError) as err:
+        raise UserError(str(err)) from None
+    if is_main():
+        with open(f"{args.out}/results.md") as f:
+            print(f.read())
 
 
 def cmd_demo(args):
@@ -435,14 +449,15 @@ def build_parser():
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("eval", help="warm-started adapter vs + steering on the benchmarks (resumable)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local HF folder, or a packaged model: "
-                   f"{', '.join(PACKAGED)} (default {DEFAULT_MODEL})")
+    p.add_argument("--model", help=f"local HF folder, or a packaged model: {', '.join(PACKAGED)} (default "
+                   f"{DEFAULT_MODEL}; with --preset matrix: both packaged models)")
     p.add_argument("--methods", type=_csv(METHODS, "method"), default=["lora"], help="comma-separated")
     p.add_argument("--benchmarks", type=_csv(BENCHMARKS, "benchmark"), default=list(COMMONSENSE),
                    help="comma-separated (default: the eight commonsense sets)")
     p.add_argument("--per-benchmark", action="store_true",
                    help="one adapter per commonsense set instead of one on their merged train splits")
-    p.add_argument("--preset", choices=["matrix"], help="matrix: the committed matrix (ignores the job options)")
+    p.add_argument("--preset", choices=["matrix"], help="matrix: the committed matrix, svd_fast.evaluation.matrix (its "
+                   "own jobs and sizes: ignores the job and size options)")
     p.add_argument("--epochs", type=_positive_int, nargs="+", default=[1])
     p.add_argument("--lr", type=_finite, help="warm-start learning rate (default: per method, see README)")
     p.add_argument("--batch-size", type=_positive_int, default=4)

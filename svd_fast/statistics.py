@@ -1,5 +1,6 @@
 """The project's statistics, in one place below the parts that use them: bootstrap intervals (of a mean, and
-of a ratio of sums), the paired test, and a benchmark cell's summary. Used by the calibration (the NLL gain's
+of a ratio of sums), the paired test and its minimum detectable effect, a benchmark cell's summary and a
+pooled paired comparison. Used by the calibration (the NLL gain's
 interval) and the evaluation harness. numpy only."""
 import math
 
@@ -54,3 +55,28 @@ def summarise_cell(per_question, metrics, baseline="adapter", treated="steered")
             entry["p"] = paired_test(by_variant[baseline], by_variant[treated])
         out[metric] = entry
     return out
+
+
+Z_975, Z_80 = 1.959963984540054, 0.8416212335729143  # standard normal quantiles: two-sided 5% test, 80% power
+
+
+def minimum_detectable_effect(diff):
+    """The smallest true mean of the paired differences `diff` a two-sided 5% test detects with 80% power,
+    (z_0.975 + z_0.8) * sd(diff) / sqrt(n) (normal approximation, sd as observed). For 0/1 outcomes sd is
+    about sqrt(share of questions whose outcome changed). NaN with fewer than two differences."""
+    diff = np.asarray(diff, dtype=np.float64)
+    if len(diff) < 2:
+        return math.nan
+    return float((Z_975 + Z_80) * diff.std(ddof=1) / math.sqrt(len(diff)))
+
+
+def paired_comparison(baseline, treated):
+    """{"n", "baseline", "treated", "delta", "ci", "p", "mde", "changed"} for paired per-unit values
+    (e.g. every question of a job pooled): means, the mean difference with its 95% bootstrap interval, the
+    sign-flip test's p, its minimum detectable effect and the units whose value changed."""
+    baseline, treated = np.asarray(baseline, dtype=np.float64), np.asarray(treated, dtype=np.float64)
+    diff = treated - baseline
+    return {"n": len(diff), "baseline": float(baseline.mean()), "treated": float(treated.mean()),
+            "delta": float(diff.mean()), "ci": bootstrap_ci(diff), "p": paired_test(baseline, treated),
+            "mde": minimum_detectable_effect(diff), "changed": int((diff != 0).sum())}
+

@@ -1,6 +1,7 @@
 """The evaluation harness on tiny local models and synthetic questions: loaders' label mapping, splits,
 shared-prefix scoring against full recomputation, metrics, statistics, resumable runs and reports."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -362,3 +363,129 @@ def test_a_failing_job_keeps_the_others_and_is_retried(fake_world, tmp_path, mon
     monkeypatch.setattr(training, "warm_start", real)
     results = evaluation.run(jobs, out, SIZES, model=base, progress=False, log=lambda m: None)
     assert [c["job"] for c in results["cells"]] == ["lora-piqa-e1", "prompt-arc_easy-e1"] and not results["failed"]
+
+
+def test_kfold_split_tests_every_question_once():
+    qs = _questions(31)
+    splits = [data.kfold_split(qs, 3, fold, calib=4, seed=5) for fold in range(3)]
+    tested = [q.prompt for s in splits for q in s.test]
+    assert sorted(tested) == sorted(q.prompt for q in qs)  # each question in exactly one fold's test set
+    for s in splits:
+        held = {q.prompt for q in s.test}
+        assert len(s.calib) == 4 and len(s.train) == 31 - 4 - len(s.test)
+        assert not held & {q.prompt for q in s.train + s.calib} and not {q.prompt for q in s.train} & {
+            q.prompt for q in s.calib}
+    assert data.kfold_split(qs, 3, 1, 4, seed=5) == splits[1] and data.kfold_split(qs, 3, 1, 4, seed=6) != splits[1]
+    for kwargs, message in (({"folds": 1, "fold": 0}, "folds must be"), ({"folds": 3, "fold": 3}, "fold must be"),
+                            ({"folds": 3, "fold": 0, "calib": 21}, "calib must be")):
+        with pytest.raises(ValueError, match=message):
+            data.kfold_split(qs, **{"calib": 4, **kwargs})
+
+
+def test_job_seeds_and_folds_choose_their_splits(fake_world):
+    from svd_fast.evaluation.harness import _Questions
+
+    questions = _Questions(SIZES)
+    job, seeded = evaluation.Job("lora"), evaluation.Job("lora", seed=2)
+    assert seeded.name == "lora-commonsense-e1-s2" and job.name == "lora-commonsense-e1"
+    assert questions.split("piqa", seeded).test != questions.split("piqa", job).test
+    tqa = ("truthfulqa",)
+    folds = [evaluation.Job("ia3", train_on=tqa, eval_on=tqa, folds=3, fold=f) for f in range(3)]
+    assert folds[1].name == "ia3-truthfulqa-e1-fold2of3"
+    tested = [q.prompt for j in folds for q in questions.split("truthfulqa", j).test]
+    assert len(tested) == len(set(tested)) == 30
+    for bad, message in ((evaluation.Job("lora", folds=3), "TruthfulQA alone"),
+                         (evaluation.Job("lora", lr=1e-3, lr_grid=(1e-3,)), "not both"),
+                         (evaluation.Job("lora", lr_grid=(0.0,)), "positive")):
+        with pytest.raises(ValueError, match=message):
+            bad.check()
+
+
+def test_learning_rate_sweep_keeps_the_rate_with_the_lowest_calibration_nll(fake_world, tmp_path, monkeypatch):
+    """Every rate trained and measured on the calibration split; the job's adapter is the chosen rate's
+    candidate; a diverging rate loses; a rerun trains nothing."""
+    import svd_fast.adaptation.training as training
+    from safetensors.torch import load_file
+
+    base, _ = fake_world
+    out = str(tmp_path / "run")
+    job = evaluation.Job("lora", train_on=("arc_easy",), eval_on=("arc_easy",), lr_grid=(1e-4, 3e-2, 5.0))
+    real, trained = training.warm_start, []
+
+    def recording(model, tokenizer, train, lr=None, **kwargs):
+        trained.append(lr)
+        if lr == 5.0:
+            raise FloatingPointError("the loss became nan at epoch 1, step 1: lower lr (now 5.0)")
+        return real(model, tokenizer, train, lr=lr, **kwargs)
+
+    monkeypatch.setattr(training, "warm_start", recording)
+    results = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert trained == [1e-4, 3e-2, 5.0] and len(results["cells"]) == 1
+    folder = os.path.join(out, "adapters", job.name)
+    sweep = json.load(open(os.path.join(folder, "lr_sweep.json")))
+    assert set(sweep["nll"]) == {"0.0001", "0.03", "5.0"} and sweep["nll"]["5.0"] == float("inf")
+    assert sweep["chosen"] == min((1e-4, 3e-2), key=lambda lr: sweep["nll"][str(lr)])
+    assert evaluation.chosen_learning_rate(out, job) == sweep["chosen"]
+    kept = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    candidate = load_file(os.path.join(folder, "lr_sweep", str(sweep["chosen"]), "adapter_model.safetensors"))
+    assert kept.keys() == candidate.keys() and all(torch.equal(kept[k], candidate[k]) for k in kept)
+    # the chosen candidate's calibration-split NLL is the criterion: recompute it from the saved adapter
+    from peft import PeftModel
+    from svd_fast.adaptation.training import answer_nll
+    from svd_fast.evaluation.harness import _Questions
+
+    model, tok = evaluation.models.load(base, progress=False)
+    calib = [q.example() for q in _Questions(SIZES).split("arc_easy", job).calib]
+    peft_model = PeftModel.from_pretrained(model, os.path.join(folder, "lr_sweep", str(sweep["chosen"])))
+    assert answer_nll(peft_model, tok, calib) == pytest.approx(sweep["nll"][str(sweep["chosen"])], rel=1e-5)
+    os.remove(os.path.join(out, "cells", f"{job.name}__arc_easy.json"))
+    again = evaluation.run([job], out, SIZES, model=base, progress=False, log=lambda m: None)
+    assert trained == [1e-4, 3e-2, 5.0] and again["cells"] == results["cells"]
+
+
+def test_matrix_pools_sets_seeds_and_folds(fake_world, tmp_path, monkeypatch):
+    """The matrix on a tiny model: sweeps, then seeds and TruthfulQA folds at the chosen rates; the pooled
+    rows are the paired comparisons of every question of the cells, TruthfulQA's folds cover all questions."""
+    from svd_fast.evaluation import matrix
+    from svd_fast.statistics import paired_comparison
+
+    base, calls = fake_world
+    monkeypatch.setattr(matrix, "METHODS", ("lora", "ia3"))
+    monkeypatch.setattr(matrix, "COMMONSENSE", ("arc_easy", "piqa"))
+    monkeypatch.setattr(matrix, "LR_GRIDS", {"lora": (1e-3, 1e-2), "ia3": (1e-2,)})
+    monkeypatch.setattr(matrix, "SEEDS", 2)
+    monkeypatch.setattr(matrix, "FOLDS", 3)
+    out = str(tmp_path / "matrix")
+    sizes = evaluation.Sizes(train=6, calib=4, test=5, tqa_calib=4)
+    results = matrix.run_matrix(out, (base,), sizes, progress=False, log=lambda m: None)
+    assert len(calls) == 2 + 1 + 2 * 3  # sweeps, LoRA's second seed, 3 folds per method
+    folder = matrix.model_folder(out, base)
+    rows = {(r["method"], r["task"], r["metric"]): r for r in results["pooled"]}
+    lora = rows["lora", "commonsense", "acc"]
+    assert lora["seeds"] == [0, 1] and lora["cells"] == 4 and lora["variants"]["steered"]["n"] == 2 * 2 * 5
+    assert set(lora["per_seed"]) == {"0", "1"}
+    assert rows["ia3", "truthfulqa", "mc2"]["variants"]["nll"]["n"] == 30  # every TruthfulQA question once
+    per_question = []
+    for name in sorted(os.listdir(os.path.join(folder, "cells"))):
+        if name.startswith("lora-arc_easy+piqa"):
+            per_question += json.load(open(os.path.join(folder, "cells", name)))["per_question"]
+    expected = paired_comparison([q["adapter"]["acc"] for q in per_question], [q["nll"]["acc"] for q in per_question])
+    assert lora["variants"]["nll"] == expected
+    chosen = results["learning_rates"][os.path.basename(base)]["lora"]["chosen"]
+    settings = json.load(open(os.path.join(folder, "adapters", "lora-arc_easy+piqa-e1-s1", "settings.json")))
+    assert settings["lr"] == chosen and settings["job"]["seed"] == 1
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| chosen |" in md and "| lora | commonsense | acc | 20 |" in md and "seed 1" in md
+    assert os.path.exists(os.path.join(out, "plots", "pooled.png")) and json.load(open(os.path.join(out, "timing.json")))
+    again = matrix.run_matrix(out, (base,), sizes, progress=False, log=lambda m: None)
+    assert len(calls) == 9 and again["pooled"] == results["pooled"]  # resumed: nothing recomputed
+
+
+def test_minimum_detectable_effect():
+    from svd_fast.statistics import minimum_detectable_effect, paired_comparison
+
+    diff = np.array([1.0, -1.0, 0.0, 0.0] * 25)
+    assert minimum_detectable_effect(diff) == pytest.approx(2.8016 * diff.std(ddof=1) / 10, rel=1e-4)
+    assert math.isnan(minimum_detectable_effect([1.0]))
+    c = paired_comparison([0, 1, 1, 0], [1, 1, 1, 0])
+    assert (c["n"], c["changed"], c["delta"], c["baseline"], c["treated"]) == (4, 1, 0.25, 0.5, 0.75)

@@ -228,3 +228,22 @@ def split(questions, train, calib, test, seed=0):
     random.Random(seed).shuffle(order)
     picked = [questions[i] for i in order]
     return Split(picked[:train], picked[train:train + calib], picked[train + calib:train + calib + test])
+
+
+def kfold_split(questions, folds, fold, calib, seed=0):
+    """Fold `fold` of a seeded k-fold partition of one benchmark (k = folds): its questions are the test set,
+    the first `calib` of the other folds' questions (in the shuffled order) calibrate and the rest train.
+    The k test sets are disjoint and cover every question once (TruthfulQA: all 299 over the folds)."""
+    if not isinstance(folds, int) or folds < 2 or folds > len(questions):
+        raise ValueError(f"folds must be an int from 2 to {len(questions)} (the benchmark's size), got {folds!r}")
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ValueError(f"fold must be an int from 0 to {folds - 1}, got {fold!r}")
+    order = list(range(len(questions)))
+    random.Random(seed).shuffle(order)
+    picked = [questions[i] for i in order]
+    test = picked[fold::folds]
+    rest = [q for i, q in enumerate(picked) if i % folds != fold]
+    if not isinstance(calib, int) or not 0 <= calib < len(rest):
+        raise ValueError(f"calib must be an int below the {len(rest)} questions outside fold {fold}, got {calib!r}")
+    return Split(rest[calib:], rest[:calib], test)
+

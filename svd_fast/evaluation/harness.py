@@ -14,6 +14,7 @@ on a rerun with the same settings, so an interrupted run resumes where it stoppe
 """
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -66,26 +67,34 @@ class Job:
     lr: float = None
     batch_size: int = 4
     template: str = "cloze"  # commonsense prompts: "cloze" or "choices" (see svd_fast.data)
+    seed: int = 0  # the warm start's seed; added to Sizes.seed for the split
+    folds: int = 0  # TruthfulQA only: k-fold (test = fold `fold`, train and calibrate on the other folds)
+    fold: int = 0
+    lr_grid: tuple = ()  # warm start at each rate, keep the one with the lowest calibration-split answer NLL
 
     @property
     def name(self):
         what = "commonsense" if set(self.train_on) == set(datasets_.COMMONSENSE) else "+".join(self.train_on)
         suffix = "" if self.template == "cloze" or self.train_on == (datasets_.TRUTHFULQA,) else f"-{self.template}"
+        suffix += f"-s{self.seed}" if self.seed else ""
+        suffix += f"-fold{self.fold + 1}of{self.folds}" if self.folds else ""
         return f"{self.method}-{what}-e{self.epochs}{suffix}"
 
     @property
     def learning_rate(self):
         return self.lr if self.lr is not None else LEARNING_RATES[self.method]
 
-
-def matrix_jobs():
-    """Issue 4's matrix: four methods on the commonsense sets and on TruthfulQA; LoRA also for 2 and 3 epochs."""
-    jobs = []
-    for method in ("lora", "ia3", "prompt", "ptuning_v2"):
-        jobs.append(Job(method))
-        jobs.append(Job(method, train_on=(datasets_.TRUTHFULQA,), eval_on=(datasets_.TRUTHFULQA,)))
-    jobs += [Job("lora", epochs=e) for e in (2, 3)]
-    return jobs
+    def check(self):
+        """One clear error for settings that cannot run."""
+        if self.folds and (self.train_on != (datasets_.TRUTHFULQA,) or self.eval_on != (datasets_.TRUTHFULQA,)):
+            raise ValueError(f"{self.name}: k-fold splits are for TruthfulQA alone (train_on = eval_on = "
+                             "('truthfulqa',)); the commonsense sets have questions enough for a held-out split")
+        if self.folds and not 0 <= self.fold < self.folds:
+            raise ValueError(f"{self.name}: fold must be in 0..{self.folds - 1}, got {self.fold}")
+        if self.lr_grid and self.lr is not None:
+            raise ValueError(f"{self.name}: give lr or lr_grid, not both")
+        if any(not (isinstance(r, (int, float)) and r > 0) for r in self.lr_grid):
+            raise ValueError(f"{self.name}: lr_grid must hold positive learning rates, got {self.lr_grid!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,19 +162,26 @@ def option_logits(steered, tokenizer, prompt, options):
 
 
 def _option_sums(logits_pair, scored):
+    """Per variant, the options' summed log-probabilities: the steered variants from the fused steered_nll op,
+    every strength of one alpha in one pass over the vocabulary (fill="keep"; the adapter is mu = 0)."""
     z_a, z_b, targets, lengths = logits_pair
     segments = torch.repeat_interleave(torch.arange(len(lengths), device=targets.device),
                                        torch.tensor(lengths, device=targets.device))
 
-    def sums(logits):
-        picked = logits.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1).double()
-        return torch.zeros(len(lengths), dtype=torch.float64, device=picked.device).index_add_(
-            0, segments, picked).tolist()
+    def sums(log_probs):
+        return torch.zeros(len(lengths), dtype=torch.float64, device=log_probs.device).index_add_(
+            0, segments, log_probs.double()).tolist()
 
-    out = {"adapter": sums(z_a), "base": sums(z_b)}
+    base = z_b.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    out = {"base": sums(base)}
+    by_alpha = {ALPHAS[0]: [("adapter", 0.0)]}
     for name, (mu, alpha) in scored.items():
-        out[name] = sums(ops.steer_logits(z_a, z_b, mu, alpha, "keep"))
-    return out, lengths
+        by_alpha.setdefault(alpha, []).append((name, mu))
+    for alpha, entries in by_alpha.items():
+        loss = ops.steered_nll(z_a, z_b, targets, [mu for _, mu in entries], alpha, "keep")[0]
+        for k, (name, _) in enumerate(entries):
+            out[name] = sums(-loss[:, k])
+    return {"adapter": out.pop("adapter"), **out}, lengths
 
 
 @torch.no_grad()
@@ -279,19 +295,29 @@ class _Questions:
     """Loaded benchmarks and their splits, once per run."""
 
     def __init__(self, sizes, cache=None):
-        self.sizes, self.cache, self._splits = sizes, cache, {}
+        self.sizes, self.cache, self._splits, self._loaded = sizes, cache, {}, {}
 
-    def split(self, benchmark, template="cloze"):
-        if (benchmark, template) not in self._splits:
-            questions = datasets_.load_benchmark(benchmark, self.cache, template)
+    def split(self, benchmark, job):
+        """The job's split of one benchmark: its template, its seed (added to the run's), its fold."""
+        key = benchmark, job.template, job.seed, job.folds, job.fold
+        if key not in self._splits:
+            if (benchmark, job.template) not in self._loaded:
+                self._loaded[benchmark, job.template] = datasets_.load_benchmark(benchmark, self.cache, job.template)
+            questions = self._loaded[benchmark, job.template]
             train, calib, test = self.sizes.of(benchmark)
-            self._splits[benchmark, template] = datasets_.split(questions, train, calib, test, self.sizes.seed)
-        return self._splits[benchmark, template]
+            seed = self.sizes.seed + job.seed
+            self._splits[key] = (datasets_.kfold_split(questions, job.folds, job.fold, calib, seed) if job.folds
+                                 else datasets_.split(questions, train, calib, test, seed))
+        return self._splits[key]
+
+
+_LATER_FIELDS = {"seed": 0, "folds": 0, "fold": 0, "lr_grid": ()}  # Job fields added after runs were committed
 
 
 def _settings_record(job, sizes, model, dtype=torch.float32):
-    record = {"job": dataclasses.asdict(job), "sizes": dataclasses.asdict(sizes), "model": model,
-              "lr": job.learning_rate}
+    fields = {k: v for k, v in dataclasses.asdict(job).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
+    record = {"job": fields, "sizes": dataclasses.asdict(sizes), "model": model,
+              "lr": list(job.lr_grid) if job.lr_grid else job.learning_rate}
     if dtype != torch.float32:  # float32 runs keep the record of the folders written before dtypes were chosen
         record["dtype"] = str(dtype).removeprefix("torch.")
     return json.loads(json.dumps(record))  # as it reads back from settings.json (tuples become lists)
@@ -357,13 +383,16 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log, device, d
     if calibration_sweep(folder) is not None:
         log(f"[{job.name}] adapter and calibration found in {folder}: skipping warm start and calibration")
         return _load_calibrated(folder, base_path, device, dtype)
-    base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
-    train = [q.example() for b in job.train_on for q in questions.split(b, job.template).train]
-    calib = [q.example() for b in job.train_on for q in questions.split(b, job.template).calib]
-    log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
-        f"batch {job.batch_size}")
-    peft_model = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs, lr=job.learning_rate,
-                            batch_size=job.batch_size, seed=0, progress=progress)
+    train = [q.example() for b in job.train_on for q in questions.split(b, job).train]
+    calib = [q.example() for b in job.train_on for q in questions.split(b, job).calib]
+    if job.lr_grid:
+        peft_model, tokenizer = _sweep_learning_rate(job, base_path, train, calib, folder, progress, log, device, dtype)
+    else:
+        base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
+        log(f"[{job.name}] warm start: {len(train)} examples, {job.epochs} epoch(s), lr {job.learning_rate}, "
+            f"batch {job.batch_size}")
+        peft_model = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs,
+                                lr=job.learning_rate, batch_size=job.batch_size, seed=job.seed, progress=progress)
     log(f"[{job.name}] calibrating mu on {len(calib)} examples, alphas {list(ALPHAS)} and no mask")
     # reduce="nll": every alpha's exact strength beside the first-order ones; fill="keep", as the options are scored
     calibrations = calibrate_sweep(peft_model, tokenizer, calib, ALPHAS + (NO_MASK_ALPHA,), reduce="nll", fill="keep",
@@ -374,6 +403,59 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log, device, d
         _write_calibrated(folder, calibrations)
     barrier()
     return peft_model, tokenizer, calibrations
+
+
+LR_SWEEP = "lr_sweep.json"  # in a job's folder: {"nll": {rate: calibration-split answer NLL}, "chosen": rate}
+
+
+def chosen_learning_rate(out, job):
+    """The rate a finished learning-rate sweep of `job` (with lr_grid) chose, or None before it finished."""
+    path = os.path.join(out, "adapters", job.name, LR_SWEEP)
+    return _read_json(path).get("chosen") if os.path.exists(path) else None
+
+
+def _sweep_learning_rate(job, base_path, train, calib, folder, progress, log, device, dtype):
+    """Warm-starts one adapter per rate of job.lr_grid and keeps the one whose answer NLL on the calibration
+    examples is lowest (the test split is never seen). Each candidate is saved under lr_sweep/<rate>/ and its
+    NLL recorded as it finishes, so a rerun resumes the sweep."""
+    import peft
+
+    from . import models
+    from ..adaptation.training import answer_nll, warm_start
+
+    path = os.path.join(folder, LR_SWEEP)
+    record = _read_json(path) if os.path.exists(path) else {"nll": {}}
+    for lr in job.lr_grid:
+        if str(lr) in record["nll"]:
+            continue
+        base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
+        log(f"[{job.name}] learning-rate sweep: warm start at lr {lr} ({len(train)} examples, {job.epochs} "
+            f"epoch(s), batch {job.batch_size})")
+        try:
+            candidate = warm_start(base_model, tokenizer, train, method=job.method, epochs=job.epochs, lr=lr,
+                                   batch_size=job.batch_size, seed=job.seed, progress=progress)
+            nll = answer_nll(candidate, tokenizer, calib)
+        except FloatingPointError as err:  # a rate that diverges loses the sweep, it does not end the job
+            log(f"[{job.name}] lr {lr} diverged: {err}")
+            candidate, nll = None, float("inf")
+        log(f"[{job.name}] lr {lr}: calibration-split answer NLL {nll:.4f} nats/token")
+        if is_main():
+            if candidate is not None:
+                candidate.save_pretrained(os.path.join(folder, "lr_sweep", str(lr)))
+            record["nll"][str(lr)] = nll
+            _write_json(path, record)
+        barrier()
+        del candidate, base_model
+    best = min(job.lr_grid, key=lambda lr: (record["nll"][str(lr)], lr))
+    if not math.isfinite(record["nll"][str(best)]):
+        raise FloatingPointError(f"every rate of {list(job.lr_grid)} diverged: give lower ones")
+    record["chosen"] = best
+    if is_main():
+        _write_json(path, record)
+    log(f"[{job.name}] learning rate {best} chosen (lowest calibration-split answer NLL of "
+        + ", ".join(f"{lr}: {record['nll'][str(lr)]:.4f}" for lr in job.lr_grid) + ")")
+    base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
+    return peft.PeftModel.from_pretrained(base_model, os.path.join(folder, "lr_sweep", str(best))).eval(), tokenizer
 
 
 def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="loglik", cache=None, progress=True,
@@ -391,6 +473,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
     for job in jobs:
         if job.method not in METHODS:
             raise ValueError(f"unknown method {job.method!r}: choose from {', '.join(METHODS)}")
+        job.check()
         if protocol == "generate" and job.template != "choices" and job.eval_on != (datasets_.TRUTHFULQA,):
             raise ValueError(f"{job.name}: the generation protocol needs the options in the prompt: "
                              "use template='choices' (svd-fast eval --template choices)")
@@ -411,7 +494,7 @@ def run(jobs, out, sizes=Sizes(), model="smollm2-135m-instruct", protocol="logli
     questions = _Questions(sizes, cache)
     for job in jobs:  # load every split first: a missing package fails before hours of training
         for b in set(job.train_on + job.eval_on):
-            questions.split(b, job.template)
+            questions.split(b, job)
     failed = {}
     for job in jobs:
         settings = _settings_record(job, sizes, model, dtype)
@@ -482,7 +565,7 @@ def _cell_path(out, job, benchmark, protocol):
 
 def _run_cell(job, benchmark, protocol, peft_model, tokenizer, calibrations, questions, out, progress, log,
               score_batch_size=8):
-    test = questions.split(benchmark, job.template).test
+    test = questions.split(benchmark, job).test
     scored = variants(calibrations)
     steered = SteeredModel(peft_model, mu=0.0, alpha=ALPHAS[0], fill="keep")
     mu_bar = scored["steered"][0]

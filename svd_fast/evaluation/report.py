@@ -174,13 +174,119 @@ def plot_nll_curve(calibration, path, title=""):
     return path
 
 
-def write_report(results, out):
+def _write(out, text, draw):
+    """out/results.md, then the plots `draw()` makes (skipped, said once, without matplotlib)."""
     path = os.path.join(out, "results.md")
     with open(path + ".tmp", "w") as f:
-        f.write(markdown(results))
+        f.write(text)
     os.replace(path + ".tmp", path)
     try:
-        plot(results, os.path.join(out, "plots"))
+        draw()
     except ImportError:
         print("svd_fast: matplotlib is not installed, so no plots (pip install matplotlib)")
     return path
+
+
+def write_report(results, out):
+    return _write(out, markdown(results), lambda: plot(results, os.path.join(out, "plots")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pooled matrix (evaluation.matrix): one paired test per (model, method, task, metric, variant).
+
+
+def _points(x):
+    return f"{100 * x:+.1f}"
+
+
+def _row_label(row):
+    return f"{row['model']} | {row['method']} | {row['task']} | {row['metric']}"
+
+
+def pooled_markdown(results):
+    """The learning-rate sweeps, the pooled tests of the paper's steering and the exact strength against the
+    adapter (with each test's minimum detectable effect), every other variant's change, LoRA per seed, and
+    the timing."""
+    sizes = results["sizes"]
+    lines = [f"Pooled paired tests (sign-flip permutation; 95% bootstrap intervals; MDE = the change a two-sided 5% "
+             f"test detects with 80% power). Sizes per commonsense set: {sizes['train']} train / {sizes['calib']} "
+             f"calibration / {sizes['test']} test; TruthfulQA by {results['folds']}-fold cross-validation "
+             f"({sizes['tqa_calib']} calibration questions per fold); LoRA at {results['seeds']} seeds. Points are "
+             "percentage points (MC2: points of probability mass).", "",
+             "Learning rates (answer NLL per token on the calibration split after the warm start; chosen: lowest):",
+             "", "| model | method | " + " | ".join(["rate: NLL"] * 3) + " | chosen |", "|---|---|---|---|---|---|"]
+    for model, by_method in results["learning_rates"].items():
+        for method, sweep in by_method.items():
+            cells = [f"{lr}: {nll:.4f}" for lr, nll in sweep["nll"].items()]
+            lines.append(f"| {model} | {method} | " + " | ".join(cells + ["-"] * (3 - len(cells))) +
+                         f" | {sweep.get('chosen', '-')} |")
+    lines += ["", "| model | method | task | metric | n | base | adapter | steered (mean) change [95% CI] | p | MDE | "
+              "nll change [95% CI] | p | MDE |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results["pooled"]:
+        v = row["variants"]
+        main = [f"{_points(c['delta'])} [{_points(c['ci'][0])}, {_points(c['ci'][1])}] | {c['p']:.3f} | "
+                f"{100 * c['mde']:.1f}" if c else "- | - | -" for c in (v.get("steered"), v.get("nll"))]
+        lines.append(f"| {_row_label(row)} | {v['steered']['n']} | {_pct(v['base']['treated'])} | "
+                     f"{_pct(v['steered']['baseline'])} | {main[0]} | {main[1]} |")
+    others = [name for name in ("base", "median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7",
+                                "alpha=0.9", "mu=-1", "mu=+1", "mu=+3")
+              if any(name in row["variants"] for row in results["pooled"])]
+    lines += ["", "Every other variant against the adapter (change in points; * p < 0.05, ** p < 0.01):", "",
+              "| model | method | task | metric | " + " | ".join(others) + " |", "|---|---|---|---|" + "---|" * len(others)]
+    for row in results["pooled"]:
+        marks = []
+        for name in others:
+            c = row["variants"].get(name)
+            marks.append("-" if c is None else _points(c["delta"]) + ("**" if c["p"] < 0.01 else "*" if c["p"] < 0.05
+                                                                       else ""))
+        lines.append(f"| {_row_label(row)} | " + " | ".join(marks) + " |")
+    seeded = [row for row in results["pooled"] if row["per_seed"]]
+    if seeded:
+        lines += ["", "Steered (mean) against the adapter per seed (warm-start seed and split):", "",
+                  "| model | method | task | metric | " + " | ".join(f"seed {s}" for s in seeded[0]["per_seed"]) + " |",
+                  "|---|---|---|---|" + "---|" * len(seeded[0]["per_seed"])]
+        for row in seeded:
+            lines.append(f"| {_row_label(row)} | " + " | ".join(
+                f"{_pct(c['baseline'])} -> {_pct(c['treated'])} (p {c['p']:.2f})" for c in row["per_seed"].values()) + " |")
+    if results["timing_s"]:
+        total = sum(results["timing_s"].values())
+        lines += ["", f"Wall time (summed over the parts the run was done in): {total / 60:.1f} min", "",
+                  "| stage | minutes |", "|---|---|",
+                  *(f"| {stage} | {seconds / 60:.1f} |" for stage, seconds in results["timing_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pooled(results, path):
+    """The pooled change (steered mean and exact strength, 95% intervals) of every (model, method, task,
+    metric), with its minimum detectable effect shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["pooled"] if "steered" in r["variants"]]
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(rows) + 1.4))
+    for k, row in enumerate(rows):
+        mde = 100 * row["variants"]["steered"]["mde"]
+        ax.fill_betweenx([k - 0.4, k + 0.4], -mde, mde, color="0.9")
+        for offset, (name, color) in zip((-0.15, 0.15), (("steered", "C3"), ("nll", "C0"))):
+            c = row["variants"].get(name)
+            if c:
+                ax.errorbar(100 * c["delta"], k + offset, xerr=[[100 * (c["delta"] - c["ci"][0])],
+                                                                [100 * (c["ci"][1] - c["delta"])]],
+                            fmt="o", color=color, markersize=3, capsize=2, label=name if k == 0 else None)
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set_yticks(range(len(rows)), [_row_label(r).replace(" | ", " ") for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("change against the adapter (points; grey: +/- minimum detectable effect)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Pooled paired changes: steered (paper's mean) and exact strength (nll)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_pooled_report(results, out):
+    return _write(out, pooled_markdown(results), lambda: plot_pooled(results, os.path.join(out, "plots", "pooled.png")))

@@ -1,0 +1,154 @@
+"""The committed matrix (`svd-fast eval --preset matrix`): both packaged models, four PEFT methods, the eight
+commonsense sets and TruthfulQA MC, every variant from one scoring pass, and pooled paired tests.
+
+Per model, in its own run folder `out/<model>/` (the harness's layout, resumable stage by stage):
+
+1. One commonsense job per method at seed 0 with a learning-rate sweep (`LR_GRIDS`): a warm start at each
+   rate, the one with the lowest answer NLL on the calibration split kept (the test split is never seen).
+2. LoRA at seeds 1 .. SEEDS-1 (another warm-start seed and another split) at LoRA's chosen rate.
+3. TruthfulQA by FOLDS-fold cross-validation per method at its chosen rate: every one of the 299 questions
+   is scored once, by an adapter trained and calibrated on the other folds.
+
+Then `out/results.json` and `out/results.md` pool every question of a (model, method, task) across its sets,
+seeds and folds into one paired test per variant against the adapter, with the test's minimum detectable
+effect; `out/timing.json` adds up each stage's wall time over the parts a run was done in.
+"""
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from . import data as datasets_
+from .harness import Job, Sizes, chosen_learning_rate, collect, run
+from ..distributed import is_main
+from ..statistics import paired_comparison
+
+MODELS = ("smollm2-135m-instruct", "gemma3-270m")
+METHODS = ("lora", "ia3", "prompt", "ptuning_v2")
+# Three rates per method around the ones of the first matrix (harness.LEARNING_RATES), a factor ~3 apart.
+LR_GRIDS = {"lora": (1e-4, 3e-4, 1e-3), "ia3": (1e-3, 3e-3, 1e-2), "prompt": (1e-2, 3e-2, 1e-1),
+            "ptuning_v2": (1e-3, 3e-3, 1e-2)}
+SEEDS = 3  # LoRA's commonsense job at seeds 0, 1, 2
+FOLDS = 3
+# Per commonsense set 16 train / 8 calibration / 30 test questions (128 / 64 / 240 merged; LoRA's three seeds
+# test 720); TruthfulQA: each fold's 99-100 questions tested, 40 of the other 199-200 calibrate, the rest train.
+# Sized for both models to finish in under 150 minutes on a 2-core CPU.
+SIZES = Sizes(train=16, calib=8, test=30, tqa_calib=40)
+COMMONSENSE = datasets_.COMMONSENSE  # the sets one commonsense job trains on (merged) and is tested on
+COMPARED = ("base", "steered", "median", "trimmed", "ratio", "nll", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7",
+            "alpha=0.9", "mu=-1", "mu=+1", "mu=+3")
+
+
+def sweep_jobs():
+    return [Job(method, train_on=COMMONSENSE, eval_on=COMMONSENSE, lr_grid=LR_GRIDS[method]) for method in METHODS]
+
+
+def dependent_jobs(rates):
+    """The jobs at the chosen rates ({method: rate}; a method whose sweep failed is left out)."""
+    jobs = [Job("lora", train_on=COMMONSENSE, eval_on=COMMONSENSE, seed=seed, lr=rates["lora"])
+            for seed in range(1, SEEDS) if rates.get("lora")]
+    tqa = (datasets_.TRUTHFULQA,)
+    return jobs + [Job(method, train_on=tqa, eval_on=tqa, folds=FOLDS, fold=fold, lr=rates[method])
+                   for method in METHODS if rates.get(method) for fold in range(FOLDS)]
+
+
+def run_matrix(out, models=MODELS, sizes=SIZES, cache=None, progress=True, log=None, device="cpu", dtype=None,
+               score_batch_size=8):
+    """Runs (or resumes) the matrix for `models` into out/<model>/ and writes the pooled out/results.json,
+    out/results.md and out/plots/pooled.png. Returns the pooled results."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    for k, model in enumerate(models, 1):
+        folder = model_folder(out, model)
+
+        def stage(what, jobs):
+            log(f"[matrix] model {k}/{len(models)} {model}: {what} ({len(jobs)} jobs)")
+            start = time.time()
+            run(jobs, folder, sizes, model, cache=cache, progress=progress, log=log, device=device, dtype=dtype,
+                score_batch_size=score_batch_size)
+            _add_time(out, f"{model}: {what}", time.time() - start)
+
+        sweeps = sweep_jobs()
+        stage("learning-rate sweeps", sweeps)
+        stage("seeds and TruthfulQA folds", dependent_jobs({j.method: chosen_learning_rate(folder, j) for j in sweeps}))
+    results = pooled_results(out, models, sizes)
+    if is_main():
+        from .report import write_pooled_report
+
+        _write(os.path.join(out, "results.json"), results)
+        write_pooled_report(results, out)
+    return results
+
+
+def model_folder(out, model):
+    """A model's run folder: out/<packaged name>, or out/<folder name> for a local model folder."""
+    return os.path.join(out, os.path.basename(os.path.normpath(model)))
+
+
+def _write(path, payload):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _add_time(out, stage, seconds):
+    """Adds a stage's seconds to out/timing.json (a resumed run adds its parts; a stage with nothing left to
+    do adds its few seconds of loading)."""
+    if not is_main():
+        return
+    path = os.path.join(out, "timing.json")
+    timing = json.load(open(path)) if os.path.exists(path) else {}
+    timing[stage] = timing.get(stage, 0.0) + seconds
+    _write(path, timing)
+
+
+def _job_cells(folder):
+    """(settings, cell with per-question outcomes) of every loglik cell of a run folder."""
+    cells_dir = os.path.join(folder, "cells")
+    settings = collect(folder)["settings"]
+    for name in sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(cells_dir, name)) as f:
+                cell = json.load(f)
+            if cell["protocol"] == "loglik" and cell["job"] in settings:
+                yield settings[cell["job"]], cell
+
+
+def pooled_results(out, models=MODELS, sizes=SIZES):
+    """Per (model, method, task, metric): every variant against the adapter over all questions of the task's
+    cells (sets, seeds, folds pooled; statistics.paired_comparison), and the same per seed; the chosen
+    learning rates with their sweeps; the run's timing."""
+    pooled, rates = [], {}
+    for model in models:
+        folder = model_folder(out, model)
+        groups = {}
+        for settings, cell in _job_cells(folder):
+            task = "truthfulqa" if cell["benchmark"] == datasets_.TRUTHFULQA else "commonsense"
+            seed = settings["job"].get("seed", 0)
+            groups.setdefault((cell["method"], task), []).append((seed, cell))
+        for (method, task), cells in sorted(groups.items(), key=lambda g: (METHODS.index(g[0][0]), g[0][1])):
+            for metric in datasets_.metric_names(cells[0][1]["benchmark"]):
+                outcomes = [(seed, q) for seed, cell in cells for q in cell["per_question"]]
+                row = {"model": os.path.basename(os.path.normpath(model)), "method": method, "task": task, "metric": metric,
+                       "sets": sorted({c["benchmark"] for _, c in cells}), "seeds": sorted({s for s, _ in cells}),
+                       "cells": len(cells), "mu_bar": sorted({round(c["mu_bar"], 4) for _, c in cells}),
+                       "variants": {}, "per_seed": {}}
+                for variant in COMPARED:
+                    pairs = [(q["adapter"][metric], q[variant][metric]) for _, q in outcomes if variant in q]
+                    if pairs:
+                        row["variants"][variant] = paired_comparison(*zip(*pairs))
+                if len(row["seeds"]) > 1:
+                    for seed in row["seeds"]:
+                        pairs = [(q["adapter"][metric], q["steered"][metric]) for s, q in outcomes if s == seed]
+                        row["per_seed"][str(seed)] = paired_comparison(*zip(*pairs))
+                pooled.append(row)
+        for job in sweep_jobs():
+            path = os.path.join(folder, "adapters", job.name, "lr_sweep.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    rates.setdefault(os.path.basename(folder), {})[job.method] = json.load(f)
+    timing_path = os.path.join(out, "timing.json")
+    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+    return {"pooled": pooled, "learning_rates": rates, "timing_s": timing, "sizes": dataclasses.asdict(sizes),
+            "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()}, "seeds": SEEDS, "folds": FOLDS}
