@@ -60,12 +60,17 @@ def summarise_cell(per_question, metrics, baseline="adapter", treated="steered")
 Z_975, Z_80 = 1.959963984540054, 0.8416212335729143  # standard normal quantiles: two-sided 5% test, 80% power
 
 
+MIN_CHANGED = 6  # with fewer nonzero paired differences no sign-flip test reaches p < 0.05 (2 / 2^5 = 0.0625)
+
+
 def minimum_detectable_effect(diff):
     """The smallest true mean of the paired differences `diff` a two-sided 5% test detects with 80% power,
     (z_0.975 + z_0.8) * sd(diff) / sqrt(n) (normal approximation, sd as observed). For 0/1 outcomes sd is
-    about sqrt(share of questions whose outcome changed). NaN with fewer than two differences."""
+    about sqrt(share of questions whose outcome changed). NaN with fewer than MIN_CHANGED nonzero
+    differences: there no effect of that variance is detectable at all, and the approximation would
+    report a tiny one."""
     diff = np.asarray(diff, dtype=np.float64)
-    if len(diff) < 2:
+    if len(diff) < 2 or int((diff != 0).sum()) < MIN_CHANGED:
         return math.nan
     return float((Z_975 + Z_80) * diff.std(ddof=1) / math.sqrt(len(diff)))
 
@@ -79,4 +84,3 @@ def paired_comparison(baseline, treated):
     return {"n": len(diff), "baseline": float(baseline.mean()), "treated": float(treated.mean()),
             "delta": float(diff.mean()), "ci": bootstrap_ci(diff), "p": paired_test(baseline, treated),
             "mde": minimum_detectable_effect(diff), "changed": int((diff != 0).sum())}
-

@@ -167,6 +167,21 @@ def test_answer_nll_equals_the_cross_entropy_at_the_answer_positions(method, arc
     expected = float(torch.nn.functional.cross_entropy(z_a, labels))
     for batch_size in (1, 3):
         assert answer_nll(model, tok, EXAMPLES, batch_size=batch_size) == pytest.approx(expected, rel=1e-5)
+    # models without logits_to_keep: one ignores it in **kwargs (OPT on transformers 4.x), one refuses it (GPT-Neo)
+    causal_lm = model.get_base_model()
+    full = causal_lm.forward
+
+    def ignoring(*args, logits_to_keep=None, **kwargs):
+        return full(*args, **kwargs)
+
+    def refusing(*args, **kwargs):
+        if "logits_to_keep" in kwargs:
+            raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+        return full(*args, **kwargs)
+
+    for forward in (ignoring, refusing):
+        causal_lm.forward = forward
+        assert answer_nll(model, tok, EXAMPLES, batch_size=3) == pytest.approx(expected, rel=1e-5)
 
 
 def test_nll_grid_estimate_without_refinement():

@@ -423,7 +423,7 @@ def test_learning_rate_sweep_keeps_the_rate_with_the_lowest_calibration_nll(fake
     assert trained == [1e-4, 3e-2, 5.0] and len(results["cells"]) == 1
     folder = os.path.join(out, "adapters", job.name)
     sweep = json.load(open(os.path.join(folder, "lr_sweep.json")))
-    assert set(sweep["nll"]) == {"0.0001", "0.03", "5.0"} and sweep["nll"]["5.0"] == float("inf")
+    assert set(sweep["nll"]) == {"0.0001", "0.03", "5.0"} and sweep["nll"]["5.0"] is None
     assert sweep["chosen"] == min((1e-4, 3e-2), key=lambda lr: sweep["nll"][str(lr)])
     assert evaluation.chosen_learning_rate(out, job) == sweep["chosen"]
     kept = load_file(os.path.join(folder, "adapter_model.safetensors"))
@@ -456,26 +456,36 @@ def test_matrix_pools_sets_seeds_and_folds(fake_world, tmp_path, monkeypatch):
     monkeypatch.setattr(matrix, "SEEDS", 2)
     monkeypatch.setattr(matrix, "FOLDS", 3)
     out = str(tmp_path / "matrix")
-    sizes = evaluation.Sizes(train=6, calib=4, test=5, tqa_calib=4)
+    sizes = evaluation.Sizes(train=6, calib=4, test=12, tqa_calib=4)  # two seeds' test sets of 12 of 30 overlap
     results = matrix.run_matrix(out, (base,), sizes, progress=False, log=lambda m: None)
     assert len(calls) == 2 + 1 + 2 * 3  # sweeps, LoRA's second seed, 3 folds per method
     folder = matrix.model_folder(out, base)
     rows = {(r["method"], r["task"], r["metric"]): r for r in results["pooled"]}
     lora = rows["lora", "commonsense", "acc"]
-    assert lora["seeds"] == [0, 1] and lora["cells"] == 4 and lora["variants"]["steered"]["n"] == 2 * 2 * 5
-    assert set(lora["per_seed"]) == {"0", "1"}
-    assert rows["ia3", "truthfulqa", "mc2"]["variants"]["nll"]["n"] == 30  # every TruthfulQA question once
-    per_question = []
-    for name in sorted(os.listdir(os.path.join(folder, "cells"))):
-        if name.startswith("lora-arc_easy+piqa"):
-            per_question += json.load(open(os.path.join(folder, "cells", name)))["per_question"]
-    expected = paired_comparison([q["adapter"]["acc"] for q in per_question], [q["nll"]["acc"] for q in per_question])
-    assert lora["variants"]["nll"] == expected
+    assert lora["seeds"] == [0, 1] and lora["cells"] == 4 and lora["variants"]["steered"]["tested"] == 2 * 2 * 12
+    assert set(lora["per_seed"]) == {"0", "1"} and lora["per_seed"]["1"]["n"] == 2 * 12
+    tqa = rows["ia3", "truthfulqa", "mc2"]["variants"]["nll"]
+    assert tqa["n"] == tqa["tested"] == 30  # every TruthfulQA question once, over the folds
+    # one unit per distinct question: the two seeds' test sets overlap, their outcomes are averaged
+    from svd_fast.evaluation.harness import _Questions
+
+    units = {}
+    for seed in (0, 1):
+        job = evaluation.Job("lora", train_on=("arc_easy", "piqa"), eval_on=("arc_easy", "piqa"), seed=seed)
+        for benchmark in ("arc_easy", "piqa"):
+            name = f"{job.name}__{benchmark}.json"
+            cell = json.load(open(os.path.join(folder, "cells", name)))
+            for question, q in zip(_Questions(sizes).split(benchmark, job).test, cell["per_question"]):
+                units.setdefault((benchmark, question.prompt), []).append((q["adapter"]["acc"], q["nll"]["acc"]))
+    assert len(units) < 48 and lora["variants"]["nll"]["n"] == len(units)
+    means = [tuple(np.mean(v, 0)) for v in units.values()]
+    expected = paired_comparison([m[0] for m in means], [m[1] for m in means])
+    assert {k: v for k, v in lora["variants"]["nll"].items() if k != "tested"} == expected
     chosen = results["learning_rates"][os.path.basename(base)]["lora"]["chosen"]
     settings = json.load(open(os.path.join(folder, "adapters", "lora-arc_easy+piqa-e1-s1", "settings.json")))
     assert settings["lr"] == chosen and settings["job"]["seed"] == 1
     md = open(os.path.join(out, "results.md")).read()
-    assert "| chosen |" in md and "| lora | commonsense | acc | 20 |" in md and "seed 1" in md
+    assert "| chosen |" in md and f"| lora | commonsense | acc | {len(units)} |" in md and "seed 1" in md
     assert os.path.exists(os.path.join(out, "plots", "pooled.png")) and json.load(open(os.path.join(out, "timing.json")))
     again = matrix.run_matrix(out, (base,), sizes, progress=False, log=lambda m: None)
     assert len(calls) == 9 and again["pooled"] == results["pooled"]  # resumed: nothing recomputed
@@ -486,6 +496,6 @@ def test_minimum_detectable_effect():
 
     diff = np.array([1.0, -1.0, 0.0, 0.0] * 25)
     assert minimum_detectable_effect(diff) == pytest.approx(2.8016 * diff.std(ddof=1) / 10, rel=1e-4)
-    assert math.isnan(minimum_detectable_effect([1.0]))
+    assert math.isnan(minimum_detectable_effect([1.0])) and math.isnan(minimum_detectable_effect([1.0] * 5 + [0.0] * 50))
     c = paired_comparison([0, 1, 1, 0], [1, 1, 1, 0])
     assert (c["n"], c["changed"], c["delta"], c["baseline"], c["treated"]) == (4, 1, 0.25, 0.5, 0.75)

@@ -301,10 +301,11 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
                     cache_bytes=CACHE_BYTES):
     """calibrate() for several confidence masks from the same teacher-forced passes: {alpha: CalibrationResult}.
 
-    cache_bytes: the answer positions' logits of both models (2 x answer tokens x V x 4 bytes in float32; 1.8 GB
-    for 864 answer tokens at Gemma 3's V = 262,144) are kept after the first pass when they fit in this many
-    bytes, and the Newton passes and the gain's pass reuse them instead of running the model again (0: never;
-    memory then stays bounded by one batch)."""
+    cache_bytes: the answer positions' logits of both models (2 x rows x the batch's longest answer x V x the
+    logits' element size: ~0.8 GB for 64 examples of ~6 answer tokens at Gemma 3's V = 262,144 in float32, on
+    the model's device) are kept after the first pass when they fit in this many bytes, and the Newton passes
+    and the gain's pass reuse them instead of running the model again (0: never; memory then stays bounded
+    by one batch)."""
     examples = check_examples(calib_examples, "calib_examples")
     alphas = list(alphas)
     if not alphas:
@@ -316,6 +317,8 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     ops._fill_args(fill)
+    if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be a non-negative int (0: no cache), got {cache_bytes!r}")
     steered = SteeredModel(peft_model, mu=0.0, alpha=alphas[0], fill=fill, adapter_name=adapter_name)
     rank, world = rank_and_world()
     shard = examples[rank::world]
@@ -331,6 +334,8 @@ def calibrate_sweep(peft_model, tokenizer, calib_examples, alphas, reduce="mean"
         if cache["complete"]:
             yield from cache["batches"]
             return
+        if cache["bytes"] is not None:  # refilled by every pass until one completes
+            cache["batches"], cache["bytes"] = [], 0
         for input_ids, mask, labels in tqdm(batches(tokenizer, shard, batch_size, max_length), total=n_batches,
                                             desc=desc, unit="batch", disable=not (progress and rank == 0)):
             z_a, z_b, _ = steered.logits_pair(input_ids.to(device), mask.to(device))

@@ -47,11 +47,14 @@ def _answer_loss_sum(peft_model, input_ids, mask, labels):
     targets = labels[:, 1:]
     columns = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)
     config = peft_model.active_peft_config
-    if config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":  # virtual tokens come first
-        columns = columns + config.num_virtual_tokens
-    logits = peft_model(input_ids=input_ids, attention_mask=mask, logits_to_keep=columns).logits
-    if config.is_prompt_learning and config.peft_type != "PREFIX_TUNING":
-        columns = columns - config.num_virtual_tokens
+    # prompt tuning and P-tuning put their virtual tokens' logits first
+    virtual = config.num_virtual_tokens if config.is_prompt_learning and config.peft_type != "PREFIX_TUNING" else 0
+    try:
+        logits = peft_model(input_ids=input_ids, attention_mask=mask, logits_to_keep=columns + virtual).logits
+    except TypeError:  # a model whose forward has no logits_to_keep (OPT, BLOOM, GPT-Neo on transformers 4.x)
+        logits = peft_model(input_ids=input_ids, attention_mask=mask).logits
+    if logits.shape[1] != columns.numel():  # the model computed every column (it ignored logits_to_keep)
+        logits = logits[:, columns + virtual]
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets[:, columns].flatten(),
                                              ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()

@@ -246,4 +246,3 @@ def kfold_split(questions, folds, fold, calib, seed=0):
     if not isinstance(calib, int) or not 0 <= calib < len(rest):
         raise ValueError(f"calib must be an int below the {len(rest)} questions outside fold {fold}, got {calib!r}")
     return Split(rest[calib:], rest[:calib], test)
-

@@ -405,13 +405,18 @@ def _prepare_adapter(job, base_path, questions, folder, progress, log, device, d
     return peft_model, tokenizer, calibrations
 
 
-LR_SWEEP = "lr_sweep.json"  # in a job's folder: {"nll": {rate: calibration-split answer NLL}, "chosen": rate}
+LR_SWEEP = "lr_sweep.json"  # in a job's folder: {"nll": {rate: calibration-split answer NLL, null if it diverged},
+#                                                    "chosen": rate}
 
 
 def chosen_learning_rate(out, job):
     """The rate a finished learning-rate sweep of `job` (with lr_grid) chose, or None before it finished."""
     path = os.path.join(out, "adapters", job.name, LR_SWEEP)
     return _read_json(path).get("chosen") if os.path.exists(path) else None
+
+
+def _nll_text(nll):
+    return "diverged" if nll is None else f"{nll:.4f}"
 
 
 def _sweep_learning_rate(job, base_path, train, calib, folder, progress, log, device, dtype):
@@ -437,23 +442,27 @@ def _sweep_learning_rate(job, base_path, train, calib, folder, progress, log, de
             nll = answer_nll(candidate, tokenizer, calib)
         except FloatingPointError as err:  # a rate that diverges loses the sweep, it does not end the job
             log(f"[{job.name}] lr {lr} diverged: {err}")
-            candidate, nll = None, float("inf")
-        log(f"[{job.name}] lr {lr}: calibration-split answer NLL {nll:.4f} nats/token")
+            candidate, nll = None, None
+        if nll is not None and not math.isfinite(nll):
+            candidate, nll = None, None
+        log(f"[{job.name}] lr {lr}: calibration-split answer NLL {_nll_text(nll)} nats/token")
         if is_main():
             if candidate is not None:
                 candidate.save_pretrained(os.path.join(folder, "lr_sweep", str(lr)))
-            record["nll"][str(lr)] = nll
+            record["nll"][str(lr)] = nll  # None: diverged
             _write_json(path, record)
         barrier()
+        record = _read_json(path)  # every rank takes rank 0's record, so all choose the same rate
         del candidate, base_model
-    best = min(job.lr_grid, key=lambda lr: (record["nll"][str(lr)], lr))
-    if not math.isfinite(record["nll"][str(best)]):
+    finite = [lr for lr in job.lr_grid if record["nll"][str(lr)] is not None]
+    if not finite:
         raise FloatingPointError(f"every rate of {list(job.lr_grid)} diverged: give lower ones")
+    best = min(finite, key=lambda lr: (record["nll"][str(lr)], lr))
     record["chosen"] = best
     if is_main():
         _write_json(path, record)
     log(f"[{job.name}] learning rate {best} chosen (lowest calibration-split answer NLL of "
-        + ", ".join(f"{lr}: {record['nll'][str(lr)]:.4f}" for lr in job.lr_grid) + ")")
+        + ", ".join(f"{lr}: {_nll_text(record['nll'][str(lr)])}" for lr in job.lr_grid) + ")")
     base_model, tokenizer = models.load(base_path, progress=False, device=device, dtype=dtype)
     return peft.PeftModel.from_pretrained(base_model, os.path.join(folder, "lr_sweep", str(best))).eval(), tokenizer
 

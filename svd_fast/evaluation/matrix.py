@@ -6,12 +6,12 @@ Per model, in its own run folder `out/<model>/` (the harness's layout, resumable
 1. One commonsense job per method at seed 0 with a learning-rate sweep (`LR_GRIDS`): a warm start at each
    rate, the one with the lowest answer NLL on the calibration split kept (the test split is never seen).
 2. LoRA at seeds 1 .. SEEDS-1 (another warm-start seed and another split) at LoRA's chosen rate.
-3. TruthfulQA by FOLDS-fold cross-validation per method at its chosen rate: every one of the 299 questions
-   is scored once, by an adapter trained and calibrated on the other folds.
+3. TruthfulQA by FOLDS-fold cross-validation per method, at the rate its commonsense sweep chose: every one
+   of the 299 questions is scored once, by an adapter trained and calibrated on the other folds.
 
 Then `out/results.json` and `out/results.md` pool every question of a (model, method, task) across its sets,
-seeds and folds into one paired test per variant against the adapter, with the test's minimum detectable
-effect; `out/timing.json` adds up each stage's wall time over the parts a run was done in.
+seeds and folds into one paired test per variant against the adapter (a question in several seeds' test sets
+counts once, its outcomes averaged), with the test's minimum detectable effect; `out/timing.json` adds up each stage's wall time over the parts a run was done in.
 """
 import dataclasses
 import json
@@ -58,20 +58,22 @@ def run_matrix(out, models=MODELS, sizes=SIZES, cache=None, progress=True, log=N
     """Runs (or resumes) the matrix for `models` into out/<model>/ and writes the pooled out/results.json,
     out/results.md and out/plots/pooled.png. Returns the pooled results."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    failed = {}  # a method whose sweep failed has no dependent jobs: the report names it
     for k, model in enumerate(models, 1):
         folder = model_folder(out, model)
 
         def stage(what, jobs):
             log(f"[matrix] model {k}/{len(models)} {model}: {what} ({len(jobs)} jobs)")
             start = time.time()
-            run(jobs, folder, sizes, model, cache=cache, progress=progress, log=log, device=device, dtype=dtype,
-                score_batch_size=score_batch_size)
+            done = run(jobs, folder, sizes, model, cache=cache, progress=progress, log=log, device=device,
+                       dtype=dtype, score_batch_size=score_batch_size)
             _add_time(out, f"{model}: {what}", time.time() - start)
+            failed.update({f"{os.path.basename(folder)}: {job}": error for job, error in done["failed"].items()})
 
         sweeps = sweep_jobs()
         stage("learning-rate sweeps", sweeps)
         stage("seeds and TruthfulQA folds", dependent_jobs({j.method: chosen_learning_rate(folder, j) for j in sweeps}))
-    results = pooled_results(out, models, sizes)
+    results = pooled_results(out, models, sizes, failed, cache)
     if is_main():
         from .report import write_pooled_report
 
@@ -103,45 +105,88 @@ def _add_time(out, stage, seconds):
     _write(path, timing)
 
 
+def _matrix_job_names():
+    return {job.name for job in sweep_jobs() + dependent_jobs({method: 1.0 for method in METHODS})}
+
+
 def _job_cells(folder):
-    """(settings, cell with per-question outcomes) of every loglik cell of a run folder."""
+    """(settings, cell with per-question outcomes) of every loglik cell of the matrix's jobs in a run folder
+    (cells of other jobs run into the same folder are left out)."""
     cells_dir = os.path.join(folder, "cells")
     settings = collect(folder)["settings"]
+    names = _matrix_job_names()
     for name in sorted(os.listdir(cells_dir)) if os.path.isdir(cells_dir) else []:
         if name.endswith(".json"):
             with open(os.path.join(cells_dir, name)) as f:
                 cell = json.load(f)
-            if cell["protocol"] == "loglik" and cell["job"] in settings:
+            if cell["protocol"] == "loglik" and cell["job"] in settings and cell["job"] in names:
                 yield settings[cell["job"]], cell
 
 
-def pooled_results(out, models=MODELS, sizes=SIZES):
+class _TestQuestions:
+    """The test questions of a cell, in its per-question order, from the job's recorded settings."""
+
+    def __init__(self, cache=None):
+        self.cache, self.runs = cache, {}
+
+    def __call__(self, settings, benchmark):
+        from .harness import _Questions
+
+        key = json.dumps(settings["sizes"], sort_keys=True)
+        if key not in self.runs:
+            self.runs[key] = _Questions(Sizes(**settings["sizes"]), self.cache)
+        job = Job(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["job"].items()})
+        return self.runs[key].split(benchmark, job).test
+
+
+def _pooled_comparison(outcomes, metric, variant):
+    """paired_comparison over unique questions: a question tested under several seeds (their splits overlap)
+    counts once, with its outcomes averaged over them. outcomes: [(question key, {variant: {metric: value}})]."""
+    units = {}
+    for key, q in outcomes:
+        if variant in q:
+            units.setdefault(key, []).append((q["adapter"][metric], q[variant][metric]))
+    if not units:
+        return None
+    pairs = [tuple(sum(v) / len(v) for v in zip(*values)) for values in units.values()]
+    comparison = paired_comparison(*zip(*pairs))
+    comparison["tested"] = sum(len(values) for values in units.values())  # question-adapter pairs behind the n units
+    return comparison
+
+
+def pooled_results(out, models=MODELS, sizes=SIZES, failed=None, cache=None):
     """Per (model, method, task, metric): every variant against the adapter over all questions of the task's
-    cells (sets, seeds, folds pooled; statistics.paired_comparison), and the same per seed; the chosen
-    learning rates with their sweeps; the run's timing."""
+    cells (sets, seeds, folds pooled; one unit per distinct question, statistics.paired_comparison), and
+    steering per seed; the chosen learning rates with their sweeps; jobs that failed; the run's timing.
+    The tests are conditional on the trained adapters: they say whether steering changes these adapters'
+    answers, not how much another warm start would differ."""
     pooled, rates = [], {}
+    questions = _TestQuestions(cache)
     for model in models:
         folder = model_folder(out, model)
         groups = {}
         for settings, cell in _job_cells(folder):
             task = "truthfulqa" if cell["benchmark"] == datasets_.TRUTHFULQA else "commonsense"
-            seed = settings["job"].get("seed", 0)
-            groups.setdefault((cell["method"], task), []).append((seed, cell))
+            groups.setdefault((cell["method"], task), []).append((settings, cell))
         for (method, task), cells in sorted(groups.items(), key=lambda g: (METHODS.index(g[0][0]), g[0][1])):
+            outcomes = []  # (seed, question key, per-question outcomes)
+            for settings, cell in cells:
+                tested = questions(settings, cell["benchmark"])
+                outcomes += [(settings["job"].get("seed", 0), (cell["benchmark"], question.prompt), q)
+                             for question, q in zip(tested, cell["per_question"])]
+            seeds = sorted({seed for seed, _, _ in outcomes})
             for metric in datasets_.metric_names(cells[0][1]["benchmark"]):
-                outcomes = [(seed, q) for seed, cell in cells for q in cell["per_question"]]
-                row = {"model": os.path.basename(os.path.normpath(model)), "method": method, "task": task, "metric": metric,
-                       "sets": sorted({c["benchmark"] for _, c in cells}), "seeds": sorted({s for s, _ in cells}),
-                       "cells": len(cells), "mu_bar": sorted({round(c["mu_bar"], 4) for _, c in cells}),
-                       "variants": {}, "per_seed": {}}
+                row = {"model": os.path.basename(folder), "method": method, "task": task, "metric": metric,
+                       "sets": sorted({c["benchmark"] for _, c in cells}), "seeds": seeds, "cells": len(cells),
+                       "mu_bar": sorted({round(c["mu_bar"], 4) for _, c in cells}), "variants": {}, "per_seed": {}}
                 for variant in COMPARED:
-                    pairs = [(q["adapter"][metric], q[variant][metric]) for _, q in outcomes if variant in q]
-                    if pairs:
-                        row["variants"][variant] = paired_comparison(*zip(*pairs))
-                if len(row["seeds"]) > 1:
-                    for seed in row["seeds"]:
-                        pairs = [(q["adapter"][metric], q["steered"][metric]) for s, q in outcomes if s == seed]
-                        row["per_seed"][str(seed)] = paired_comparison(*zip(*pairs))
+                    comparison = _pooled_comparison([(key, q) for _, key, q in outcomes], metric, variant)
+                    if comparison:
+                        row["variants"][variant] = comparison
+                if len(seeds) > 1:
+                    for seed in seeds:
+                        row["per_seed"][str(seed)] = _pooled_comparison(
+                            [(key, q) for s, key, q in outcomes if s == seed], metric, "steered")
                 pooled.append(row)
         for job in sweep_jobs():
             path = os.path.join(folder, "adapters", job.name, "lr_sweep.json")
@@ -150,5 +195,6 @@ def pooled_results(out, models=MODELS, sizes=SIZES):
                     rates.setdefault(os.path.basename(folder), {})[job.method] = json.load(f)
     timing_path = os.path.join(out, "timing.json")
     timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
-    return {"pooled": pooled, "learning_rates": rates, "timing_s": timing, "sizes": dataclasses.asdict(sizes),
-            "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()}, "seeds": SEEDS, "folds": FOLDS}
+    return {"pooled": pooled, "learning_rates": rates, "failed": failed or {}, "timing_s": timing,
+            "sizes": dataclasses.asdict(sizes), "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()},
+            "seeds": SEEDS, "folds": FOLDS}

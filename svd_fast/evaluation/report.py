@@ -208,8 +208,10 @@ def pooled_markdown(results):
     adapter (with each test's minimum detectable effect), every other variant's change, LoRA per seed, and
     the timing."""
     sizes = results["sizes"]
-    lines = [f"Pooled paired tests (sign-flip permutation; 95% bootstrap intervals; MDE = the change a two-sided 5% "
-             f"test detects with 80% power). Sizes per commonsense set: {sizes['train']} train / {sizes['calib']} "
+    lines = [f"Pooled paired tests (sign-flip permutation over distinct questions, a question tested under several "
+             f"seeds counted once with its outcomes averaged; 95% bootstrap intervals; MDE = the change a two-sided 5% "
+             f"test detects with 80% power, '-' where fewer than 6 questions changed and no test can reach p < "
+             f"0.05; conditional on the trained adapters). Sizes per commonsense set: {sizes['train']} train / {sizes['calib']} "
              f"calibration / {sizes['test']} test; TruthfulQA by {results['folds']}-fold cross-validation "
              f"({sizes['tqa_calib']} calibration questions per fold); LoRA at {results['seeds']} seeds. Points are "
              "percentage points (MC2: points of probability mass).", "",
@@ -217,7 +219,7 @@ def pooled_markdown(results):
              "", "| model | method | " + " | ".join(["rate: NLL"] * 3) + " | chosen |", "|---|---|---|---|---|---|"]
     for model, by_method in results["learning_rates"].items():
         for method, sweep in by_method.items():
-            cells = [f"{lr}: {nll:.4f}" for lr, nll in sweep["nll"].items()]
+            cells = [f"{lr}: {'diverged' if nll is None else f'{nll:.4f}'}" for lr, nll in sweep["nll"].items()]
             lines.append(f"| {model} | {method} | " + " | ".join(cells + ["-"] * (3 - len(cells))) +
                          f" | {sweep.get('chosen', '-')} |")
     lines += ["", "| model | method | task | metric | n | base | adapter | steered (mean) change [95% CI] | p | MDE | "
@@ -225,7 +227,8 @@ def pooled_markdown(results):
     for row in results["pooled"]:
         v = row["variants"]
         main = [f"{_points(c['delta'])} [{_points(c['ci'][0])}, {_points(c['ci'][1])}] | {c['p']:.3f} | "
-                f"{100 * c['mde']:.1f}" if c else "- | - | -" for c in (v.get("steered"), v.get("nll"))]
+                + (f"{100 * c['mde']:.1f}" if c["mde"] == c["mde"] else f"- ({c['changed']} changed)")
+                if c else "- | - | -" for c in (v.get("steered"), v.get("nll"))]
         lines.append(f"| {_row_label(row)} | {v['steered']['n']} | {_pct(v['base']['treated'])} | "
                      f"{_pct(v['steered']['baseline'])} | {main[0]} | {main[1]} |")
     others = [name for name in ("base", "median", "trimmed", "ratio", "no_mask", "alpha=0.3", "alpha=0.5", "alpha=0.7",
@@ -248,6 +251,9 @@ def pooled_markdown(results):
         for row in seeded:
             lines.append(f"| {_row_label(row)} | " + " | ".join(
                 f"{_pct(c['baseline'])} -> {_pct(c['treated'])} (p {c['p']:.2f})" for c in row["per_seed"].values()) + " |")
+    for job, error in results.get("failed", {}).items():
+        lines += ["", f"**{job} failed** (a rerun retries it; a method whose sweep failed has no seeds or folds): "
+                      f"{error}"]
     if results["timing_s"]:
         total = sum(results["timing_s"].values())
         lines += ["", f"Wall time (summed over the parts the run was done in): {total / 60:.1f} min", "",
@@ -268,7 +274,8 @@ def plot_pooled(results, path):
     fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(rows) + 1.4))
     for k, row in enumerate(rows):
         mde = 100 * row["variants"]["steered"]["mde"]
-        ax.fill_betweenx([k - 0.4, k + 0.4], -mde, mde, color="0.9")
+        if mde == mde:  # NaN: too few questions changed for any test
+            ax.fill_betweenx([k - 0.4, k + 0.4], -mde, mde, color="0.9")
         for offset, (name, color) in zip((-0.15, 0.15), (("steered", "C3"), ("nll", "C0"))):
             c = row["variants"].get(name)
             if c:
