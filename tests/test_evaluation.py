@@ -489,6 +489,12 @@ def test_matrix_pools_sets_seeds_and_folds(fake_world, tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(out, "plots", "pooled.png")) and json.load(open(os.path.join(out, "timing.json")))
     again = matrix.run_matrix(out, (base,), sizes, progress=False, log=lambda m: None)
     assert len(calls) == 9 and again["pooled"] == results["pooled"]  # resumed: nothing recomputed
+    os.remove(os.path.join(folder, "cells", "ia3-truthfulqa-e1-fold2of3__truthfulqa.json"))  # a run in parts
+    partial = matrix.pooled_results(out, (base,), sizes)
+    assert {r["cells"] for r in partial["pooled"] if r["method"] == "ia3" and r["task"] == "truthfulqa"} == {2}
+    from svd_fast.evaluation.report import pooled_markdown
+
+    assert "| ia3 | truthfulqa (2 of 3 cells so far) | mc2 |" in pooled_markdown(partial)
 
 
 def test_minimum_detectable_effect():

@@ -175,9 +175,11 @@ def pooled_results(out, models=MODELS, sizes=SIZES, failed=None, cache=None):
                 outcomes += [(settings["job"].get("seed", 0), (cell["benchmark"], question.prompt), q)
                              for question, q in zip(tested, cell["per_question"])]
             seeds = sorted({seed for seed, _, _ in outcomes})
+            expected = FOLDS if task == "truthfulqa" else len(COMMONSENSE) * (SEEDS if method == "lora" else 1)
             for metric in datasets_.metric_names(cells[0][1]["benchmark"]):
                 row = {"model": os.path.basename(folder), "method": method, "task": task, "metric": metric,
                        "sets": sorted({c["benchmark"] for _, c in cells}), "seeds": seeds, "cells": len(cells),
+                       "expected_cells": expected,
                        "mu_bar": sorted({round(c["mu_bar"], 4) for _, c in cells}), "variants": {}, "per_seed": {}}
                 for variant in COMPARED:
                     comparison = _pooled_comparison([(key, q) for _, key, q in outcomes], metric, variant)

@@ -200,7 +200,10 @@ def _points(x):
 
 
 def _row_label(row):
-    return f"{row['model']} | {row['method']} | {row['task']} | {row['metric']}"
+    """model | method | task | metric; a task whose cells are not all done yet (a run in parts) says so."""
+    expected = row.get("expected_cells", row["cells"])
+    task = row["task"] + (f" ({row['cells']} of {expected} cells so far)" if row["cells"] < expected else "")
+    return f"{row['model']} | {row['method']} | {task} | {row['metric']}"
 
 
 def pooled_markdown(results):
