@@ -65,9 +65,11 @@ def run_matrix(out, models=MODELS, sizes=SIZES, cache=None, progress=True, log=N
         def stage(what, jobs):
             log(f"[matrix] model {k}/{len(models)} {model}: {what} ({len(jobs)} jobs)")
             start = time.time()
-            done = run(jobs, folder, sizes, model, cache=cache, progress=progress, log=log, device=device,
-                       dtype=dtype, score_batch_size=score_batch_size)
-            _add_time(out, f"{model}: {what}", time.time() - start)
+            try:
+                done = run(jobs, folder, sizes, model, cache=cache, progress=progress, log=log, device=device,
+                           dtype=dtype, score_batch_size=score_batch_size)
+            finally:  # an interrupted part (Ctrl-C) counts too: its finished cells stay
+                _add_time(out, f"{model}: {what}", time.time() - start)
             failed.update({f"{os.path.basename(folder)}: {job}": error for job, error in done["failed"].items()})
 
         sweeps = sweep_jobs()
