@@ -20,7 +20,7 @@ import sys
 import time
 
 from . import data as datasets_
-from .harness import Job, Sizes, chosen_learning_rate, collect, run
+from .harness import Job, Sizes, _read_json, _write_json, chosen_learning_rate, collect, run
 from ..distributed import is_main
 from ..statistics import paired_comparison
 
@@ -75,11 +75,13 @@ def run_matrix(out, models=MODELS, sizes=SIZES, cache=None, progress=True, log=N
         sweeps = sweep_jobs()
         stage("learning-rate sweeps", sweeps)
         stage("seeds and TruthfulQA folds", dependent_jobs({j.method: chosen_learning_rate(folder, j) for j in sweeps}))
-    results = pooled_results(out, models, sizes, failed, cache)
+    # the pooled report covers every model run into `out`, also one run in an earlier part (--model NAME)
+    earlier = [m for m in MODELS if m not in models and os.path.isdir(model_folder(out, m))]
+    results = pooled_results(out, tuple(models) + tuple(earlier), sizes, failed, cache)
     if is_main():
         from .report import write_pooled_report
 
-        _write(os.path.join(out, "results.json"), results)
+        _write_json(os.path.join(out, "results.json"), results)
         write_pooled_report(results, out)
     return results
 
@@ -89,22 +91,15 @@ def model_folder(out, model):
     return os.path.join(out, os.path.basename(os.path.normpath(model)))
 
 
-def _write(path, payload):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def _add_time(out, stage, seconds):
     """Adds a stage's seconds to out/timing.json (a resumed run adds its parts; a stage with nothing left to
     do adds its few seconds of loading)."""
     if not is_main():
         return
     path = os.path.join(out, "timing.json")
-    timing = json.load(open(path)) if os.path.exists(path) else {}
+    timing = _read_json(path) if os.path.exists(path) else {}
     timing[stage] = timing.get(stage, 0.0) + seconds
-    _write(path, timing)
+    _write_json(path, timing)
 
 
 def _matrix_job_names():
@@ -198,7 +193,7 @@ def pooled_results(out, models=MODELS, sizes=SIZES, failed=None, cache=None):
                 with open(path) as f:
                     rates.setdefault(os.path.basename(folder), {})[job.method] = json.load(f)
     timing_path = os.path.join(out, "timing.json")
-    timing = json.load(open(timing_path)) if os.path.exists(timing_path) else {}
+    timing = _read_json(timing_path) if os.path.exists(timing_path) else {}
     return {"pooled": pooled, "learning_rates": rates, "failed": failed or {}, "timing_s": timing,
             "sizes": dataclasses.asdict(sizes), "lr_grids": {m: list(g) for m, g in LR_GRIDS.items()},
             "seeds": SEEDS, "folds": FOLDS}
